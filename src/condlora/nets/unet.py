@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+from condlora.nets.layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
 
 NULL_LABEL = -1  # label value meaning "no class": classifier-free guidance's unconditional branch
 
@@ -71,7 +78,9 @@ class NanoUNet(nn.Module):
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(
-                    self._stage(c + skip_widths.pop(), width, emb_dim, dropout, level in attn_levels, num_heads)
+                    self._stage(
+                        c + skip_widths.pop(), width, emb_dim, dropout, level in attn_levels, num_heads
+                    )
                 )
                 c = width
             if level > 0:

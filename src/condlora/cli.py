@@ -1,0 +1,181 @@
+"""`condlora train | sample | info`: parse arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from condlora.config import SECTIONS, ConfigError, RunConfig, field_help, literal_choices
+from condlora.presets import PRESETS, build_config
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One `--section.field` option per config field, with its help, type and default."""
+    parser.add_argument("--preset", default="mnist-nano", choices=list(PRESETS), help="named configuration")
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"{section} options")
+        for name, annotation, default, text in field_help(section):
+            choices = literal_choices(annotation)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            extra = f" (one of {', '.join(choices)})" if choices else ""
+            group.add_argument(
+                f"--{section}.{name}",
+                dest=f"{section}.{name}",
+                default=None,
+                metavar=_metavar(annotation, choices),
+                help=f"{text}{extra} [default: {shown}]",
+            )
+
+
+def _metavar(annotation: Any, choices: tuple[Any, ...] | None) -> str:
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    return "LIST" if getattr(annotation, "__origin__", None) is tuple else annotation.__name__.upper()
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    return build_config(args.preset, _overrides(args))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from condlora.nets import build_network, summarize
+
+    cfg = _config_from_args(args)
+    print(summarize(build_network(cfg.model), cfg.model))
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
+    """The saved config of a run directory with command-line overrides (e.g. more steps) on top."""
+    import json
+
+    from condlora.config import make_section
+
+    path = Path(args.resume) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
+    saved = json.loads(path.read_text())
+    preset = saved.pop("preset", "")
+    for section, values in _overrides(args).items():
+        saved.setdefault(section, {}).update(values)
+    sections = {name: make_section(name, saved.get(name, {})) for name in SECTIONS}
+    return RunConfig(**sections), preset
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from condlora.pipeline import load_model, sample_to_files
+    from condlora.train import train
+    from condlora.train.distributed import init_distributed, shutdown_distributed
+
+    if args.resume:
+        cfg, preset = _resume_config(args)
+        out_dir = Path(args.resume)
+    else:
+        cfg, preset = _config_from_args(args), args.preset
+        out_dir = Path(cfg.train.out_dir or _default_out_dir(preset))
+    dist = init_distributed(cfg.train.device)
+    try:
+        result = train(cfg, out_dir, resume=bool(args.resume), preset=preset)
+        if not dist.is_main:
+            return
+        print(
+            f"trained {result.steps} steps in {result.train_seconds / 60:.1f} min; checkpoint: {result.checkpoint}"
+        )
+        if not args.no_sample:
+            net, cfg, _ = load_model(result.checkpoint, cfg.sample.use_ema, dist.device)
+            png, npz = sample_to_files(
+                net, cfg, cfg.sample, out_dir / "samples", dist.device, cfg.train.progress
+            )
+            print(f"samples: {png}\n         {npz}")
+    finally:
+        shutdown_distributed()
+
+
+def _default_out_dir(preset: str) -> str:
+    """runs/<preset>-<time>; under torchrun every rank derives the same name from the launch time."""
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    return str(Path("runs") / f"{preset}-{stamp or time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from condlora.pipeline import load_model, sample_to_files, with_sample_overrides
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net, cfg, ckpt = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    sample = with_sample_overrides(
+        cfg,
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        guidance_scale=args.guidance_scale,
+        count=args.count,
+        class_label=args.class_label,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    out = (
+        Path(args.out) if args.out else ckpt.path.parent.parent / f"samples-step{ckpt.step}-seed{sample.seed}"
+    )
+    png, npz = sample_to_files(net, cfg, sample, out, device, progress=True)
+    print(f"sampled {sample.count} images from {ckpt.path}\n  {png}\n  {npz}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="condlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (then sample it)", description="Train, then sample.")
+    _add_config_options(p)
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest good checkpoint"
+    )
+    p.add_argument("--no-sample", action="store_true", help="skip sampling after training")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a trained model to a PNG grid and an .npz")
+    p.add_argument("checkpoint", help="a run directory (newest good checkpoint) or one checkpoint directory")
+    p.add_argument("--out", help="output prefix (writes PREFIX.png and PREFIX.npz)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int, help="network evaluations per sample")
+    p.add_argument("--eta", type=float, help="DDIM stochasticity in [0, 1]")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = conditional)")
+    p.add_argument("--count", type=int, help="number of images")
+    p.add_argument("--class", dest="class_label", type=int, help="sample only this class (default: cycle)")
+    p.add_argument("--seed", type=int, help="sample i uses seed + i")
+    p.add_argument("--batch-size", type=int, help="images per network call")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="print the architecture of a preset + overrides and its parameter count")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"condlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

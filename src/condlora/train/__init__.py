@@ -1,0 +1,19 @@
+"""Training: the loop, EMA, checkpoints and distributed set-up."""
+
+from condlora.train.checkpoint import CheckpointError, load_checkpoint, load_latest, resolve_checkpoint
+from condlora.train.ema import EMA
+from condlora.train.loop import StepBatchSampler, TrainingDiverged, TrainResult, lr_at, train, train_step
+
+__all__ = [
+    "EMA",
+    "CheckpointError",
+    "StepBatchSampler",
+    "TrainResult",
+    "TrainingDiverged",
+    "load_checkpoint",
+    "load_latest",
+    "lr_at",
+    "resolve_checkpoint",
+    "train",
+    "train_step",
+]

@@ -1,0 +1,371 @@
+"""The training loop: data order, train step, EMA, logging, previews, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from condlora.config import RunConfig
+from condlora.data import DataError, ImageDataset, build_datasets, random_hflip, unscale
+from condlora.diffusion import EpsilonLoss, NoiseSchedule
+from condlora.diffusion.generate import generate
+from condlora.eval.images import save_grid
+from condlora.nets import NULL_LABEL, build_network, count_parameters
+from condlora.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    decode_bytes,
+    encode_bytes,
+    load_latest,
+    optimizer_from_checkpoint,
+    optimizer_to_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from condlora.train.distributed import DistContext, init_distributed
+from condlora.train.ema import EMA
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Index batches for steps [start_step, total_steps): a pure function of (seed, step), so resuming needs
+    only the step. Each epoch is a fresh permutation; each rank takes its contiguous slice of the global batch.
+
+    Args:
+        num_items: dataset size N.
+        global_batch: batch size summed over ranks (<= N).
+        rank, world_size: this process's slice of every global batch.
+        seed: seed of the permutations.
+        start_step, total_steps: the range of steps to serve.
+    """
+
+    def __init__(self, num_items, global_batch, rank, world_size, seed, start_step, total_steps):
+        if global_batch > num_items:
+            raise DataError(f"train.batch_size={global_batch} exceeds the {num_items} training images")
+        self.n, self.batch, self.rank, self.world = num_items, global_batch, rank, world_size
+        self.seed, self.start, self.total = seed, start_step, total_steps
+        self.per_epoch = num_items // global_batch  # the incomplete last batch of each epoch is dropped
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+    def __iter__(self):
+        perm, perm_epoch = None, -1
+        local = self.batch // self.world
+        for step in range(self.start, self.total):
+            epoch, index = divmod(step, self.per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
+            start = index * self.batch + self.rank * local
+            yield perm[start : start + local].tolist()
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to 10% at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: EpsilonLoss,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator,
+    cfg: RunConfig,
+    dist: DistContext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (loss averaged over ranks, gradient norm). Nothing is applied if the
+    loss is not finite, and TrainingDiverged is raised instead."""
+    if cfg.data.hflip:
+        x0 = random_hflip(x0, generator)
+    if labels is not None and cfg.diffusion.label_dropout > 0:
+        drop = (
+            torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.diffusion.label_dropout
+        )
+        labels = torch.where(drop, NULL_LABEL, labels)
+    loss = loss_fn(model, x0, labels, generator).mean()
+    mean_loss = dist.mean(loss.detach())
+    if not torch.isfinite(mean_loss):
+        raise TrainingDiverged(f"loss became {mean_loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    return mean_loss, grad_norm
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind."""
+
+    out_dir: Path
+    checkpoint: Path | None
+    steps: int
+    train_seconds: float
+    final_loss: float
+    net: nn.Module
+    ema: nn.Module
+
+
+@dataclass
+class _State:
+    net: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+
+
+def _check_data(cfg: RunConfig, train_set: ImageDataset) -> None:
+    h, w = train_set.image_size
+    m = cfg.model
+    if (h, w) != (m.image_size, m.image_size):
+        raise DataError(
+            f"dataset images are {h}x{w} but model.image_size={m.image_size}; "
+            f"set --data.image_size {m.image_size} to resize or --model.image_size {h}"
+        )
+    if train_set.channels != m.in_channels:
+        raise DataError(
+            f"dataset images have {train_set.channels} channels but model.in_channels={m.in_channels}"
+        )
+    if m.num_classes and train_set.num_classes > m.num_classes:
+        raise DataError(
+            f"dataset has {train_set.num_classes} classes but model.num_classes={m.num_classes}; "
+            f"labels would be out of range"
+        )
+
+
+def _build_state(cfg: RunConfig, dist: DistContext) -> _State:
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    net = build_network(cfg.model).to(dist.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    generator = torch.Generator(dist.device).manual_seed(cfg.train.seed + 7919 * (dist.rank + 1))
+    return _State(net=net, ema=EMA(net, cfg.train.ema_decay), opt=opt, generator=generator)
+
+
+def _checkpoint_payload(state: _State, cfg: RunConfig, dist: DistContext):
+    opt_tensors, opt_meta = optimizer_to_checkpoint(state.opt)
+    tensors = {
+        "model": state.net.state_dict(),
+        "ema": state.ema.shadow.state_dict(),
+        "optimizer": opt_tensors,
+    }
+    rng = {
+        "generator": encode_bytes(state.generator.get_state()),
+        "torch": encode_bytes(torch.get_rng_state()),
+    }
+    if dist.device.type == "cuda":
+        rng["cuda"] = encode_bytes(torch.cuda.get_rng_state(dist.device))
+    return tensors, {
+        "config": cfg.to_dict(),
+        "rng": rng,
+        "optimizer": opt_meta,
+        "world_size": dist.world_size,
+    }
+
+
+def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
+    saved_model = RunConfig.from_dict(ckpt.state["config"]).model
+    if saved_model != cfg.model:
+        raise CheckpointError(f"{ckpt.path}: model config differs from the checkpoint's ({saved_model})")
+    if ckpt.state.get("world_size", 1) != dist.world_size:
+        raise CheckpointError(
+            f"{ckpt.path} was written by {ckpt.state['world_size']} processes; resume with the same number"
+        )
+    state.net.load_state_dict(ckpt.tensors["model"])
+    state.ema.shadow.load_state_dict(ckpt.tensors["ema"])
+    optimizer_from_checkpoint(state.opt, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
+    state.generator.set_state(decode_bytes(ckpt.state["rng"]["generator"]))
+    torch.set_rng_state(decode_bytes(ckpt.state["rng"]["torch"]))
+    if "cuda" in ckpt.state["rng"] and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(decode_bytes(ckpt.state["rng"]["cuda"]), dist.device)
+    state.step = ckpt.step
+
+
+def _preview(state: _State, cfg: RunConfig, schedule: NoiseSchedule, path: Path, dist: DistContext) -> None:
+    """A small sample grid from the EMA weights (4 per class, 25 DDIM steps)."""
+    k = max(cfg.model.num_classes, 1)
+    preview = dataclasses.replace(
+        cfg.sample,
+        sampler="ddim",
+        steps=min(25, cfg.sample.steps),
+        eta=0.0,
+        count=4 * k if cfg.model.num_classes else 16,
+        class_label=-1,
+    )
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    images, _ = generate(
+        state.ema.shadow, schedule, preview, shape, cfg.model.num_classes, dist.device, False
+    )
+    save_grid(unscale(images), path, nrow=k if cfg.model.num_classes else 4)
+
+
+class _MetricsLog:
+    """Appends rows to metrics.csv (rank 0 only); averages the loss over each logging window."""
+
+    FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_sec", "elapsed_s")
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.losses: list[float] = []
+        if enabled and not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
+
+    def write(self, row: dict[str, float]) -> None:
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([row[k] for k in self.FIELDS])
+
+
+def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int) -> DataLoader:
+    if cfg.train.batch_size % dist.world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by {dist.world_size} processes"
+        )
+    sampler = StepBatchSampler(
+        len(train_set),
+        cfg.train.batch_size,
+        dist.rank,
+        dist.world_size,
+        cfg.train.seed,
+        start_step,
+        cfg.train.steps,
+    )
+    return DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def prepare_out_dir(cfg: RunConfig, out_dir: Path, dist: DistContext, preset: str) -> None:
+    """Create the run directory and write config.json (rank 0)."""
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", {"preset": preset, **cfg.to_dict()})
+    dist.barrier()
+
+
+def train(cfg: RunConfig, out_dir: Path, resume: bool = False, preset: str = "") -> TrainResult:
+    """Train a diffusion model as configured, writing checkpoints, metrics.csv and preview grids to out_dir.
+
+    Runs unchanged under torchrun (DDP); rank 0 writes all files. With `resume`, training continues from the
+    newest good checkpoint in out_dir/checkpoints exactly as if it had never stopped.
+    """
+    dist = init_distributed(cfg.train.device)
+    train_set, _, _ = build_datasets(
+        cfg.data.dataset, cfg.data.holdout_fraction, cfg.data.split_seed, cfg.data.image_size or None
+    )
+    _check_data(cfg, train_set)
+    schedule = NoiseSchedule.create(
+        cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end
+    )
+    state = _build_state(cfg, dist)
+    ckpt_root = out_dir / "checkpoints"
+    if resume:
+        ckpt = load_latest(ckpt_root)
+        if ckpt is not None:
+            _restore(state, ckpt, cfg, dist)
+            if dist.is_main:
+                print(f"resuming from {ckpt.path} at step {state.step}")
+    prepare_out_dir(cfg, out_dir, dist, preset)
+    model = DistributedDataParallel(state.net) if dist.world_size > 1 else state.net
+    return _run_loop(cfg, out_dir, state, model, train_set, schedule, dist)
+
+
+def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainResult:
+    t_cfg = cfg.train
+    loss_fn = EpsilonLoss(schedule)
+    log = _MetricsLog(out_dir / "metrics.csv", dist.is_main)
+    last_ckpt = None
+    if dist.is_main and state.step == 0:
+        print(
+            f"training {cfg.model.backbone} ({count_parameters(state.net):,} parameters) for {t_cfg.steps} steps"
+        )
+    bar = tqdm(
+        total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step"
+    )
+    start_time = window_start = time.perf_counter()
+    loss = torch.tensor(float("nan"))
+    for indices_batch in _loader(cfg, train_set, dist, state.step):
+        x0, labels = (t.to(dist.device, non_blocking=True) for t in indices_batch)
+        for group in state.opt.param_groups:
+            group["lr"] = lr_at(state.step, t_cfg)
+        try:
+            loss, grad_norm = train_step(
+                model,
+                state.opt,
+                loss_fn,
+                x0,
+                labels if cfg.model.num_classes else None,
+                state.generator,
+                cfg,
+                dist,
+            )
+        except TrainingDiverged as err:
+            bar.close()
+            kept = last_ckpt or (out_dir / "checkpoints")
+            raise TrainingDiverged(
+                f"{err} at step {state.step + 1}; stopping. Last good checkpoint kept: {kept}"
+            ) from None
+        state.ema.update(state.net, state.step)
+        state.step += 1
+        log.losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if state.step % t_cfg.log_every == 0 or state.step == t_cfg.steps:
+            now = time.perf_counter()
+            rate = len(log.losses) / max(now - window_start, 1e-9)
+            log.write(
+                dict(
+                    step=state.step,
+                    loss=sum(log.losses) / len(log.losses),
+                    lr=state.opt.param_groups[0]["lr"],
+                    grad_norm=grad_norm.item(),
+                    steps_per_sec=rate,
+                    elapsed_s=now - start_time,
+                )
+            )
+            log.losses, window_start = [], now
+        if dist.is_main and t_cfg.sample_every and state.step % t_cfg.sample_every == 0:
+            _preview(state, cfg, schedule, out_dir / "samples" / f"step-{state.step:09d}.png", dist)
+        if state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0):
+            last_ckpt = _save(state, cfg, out_dir, dist)
+    bar.close()
+    if last_ckpt is None and dist.is_main and state.step > 0:
+        last_ckpt = _save(state, cfg, out_dir, dist)  # resumed at the final step: make sure it is on disk
+    elapsed = time.perf_counter() - start_time
+    return TrainResult(out_dir, last_ckpt, state.step, elapsed, float(loss.item()), state.net, state.ema.shadow)
+
+
+def _save(state: _State, cfg: RunConfig, out_dir: Path, dist: DistContext) -> Path | None:
+    path = None
+    if dist.is_main:
+        tensors, meta = _checkpoint_payload(state, cfg, dist)
+        path = save_checkpoint(out_dir / "checkpoints", state.step, tensors, meta, cfg.train.keep_checkpoints)
+    dist.barrier()
+    return path

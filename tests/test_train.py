@@ -1,0 +1,161 @@
+"""Training loop: loss goes down, exact resume, checkpoints, divergence, data order, EMA, LR schedule."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from condlora.diffusion import EpsilonLoss
+from condlora.train import EMA, StepBatchSampler, TrainingDiverged, lr_at, train
+from condlora.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_latest(run_dir / "checkpoints")
+    return {**{f"model.{k}": v for k, v in ckpt.tensors["model"].items()},
+            **{f"ema.{k}": v for k, v in ckpt.tensors["ema"].items()},
+            **{f"opt.{k}": v for k, v in ckpt.tensors["optimizer"].items()}}
+
+
+def test_loss_drops_on_a_tiny_run(tiny_config):
+    cfg = tiny_config(train={"steps": 120, "log_every": 20, "lr": 3e-3, "checkpoint_every": 0})
+    result = train(cfg, Path(cfg.train.out_dir))
+    rows = list(csv.DictReader(open(result.out_dir / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert len(rows) == 6 and int(rows[-1]["step"]) == 120
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result.checkpoint is not None and result.checkpoint.name == "step-000000120"
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    full = tiny_config(train={"out_dir": str(tmp_path / "full")}, data={"hflip": True})
+    train(full, tmp_path / "full")
+    # kill the run during step 10 (the checkpoint of step 8 is on disk), then resume it
+    part = tiny_config(train={"out_dir": str(tmp_path / "part")}, data={"hflip": True})
+    original = EMA.update
+
+    def killed(self, net, num_updates):
+        if num_updates == 9:
+            raise KeyboardInterrupt
+        original(self, net, num_updates)
+
+    monkeypatch.setattr(EMA, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, tmp_path / "part")
+    monkeypatch.setattr(EMA, "update", original)
+    assert load_latest(tmp_path / "part" / "checkpoints").step == 8
+    result = train(part, tmp_path / "part", resume=True)
+    assert result.steps == 12
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state = json.loads((result.checkpoint / "state.json").read_text())
+    assert state["step"] == 12 and "generator" in state["rng"]
+
+
+def test_checkpoints_are_pruned_and_verified(tiny_config):
+    cfg = tiny_config(train={"keep_checkpoints": 2})
+    train(cfg, Path(cfg.train.out_dir))
+    names = [p.name for p in list_checkpoints(Path(cfg.train.out_dir) / "checkpoints")]
+    assert names == ["step-000000008", "step-000000012"]
+    ckpt = load_checkpoint(Path(cfg.train.out_dir) / "checkpoints" / names[-1])
+    assert ckpt.step == 12 and set(ckpt.tensors) == {"model", "ema", "optimizer"}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "state"])
+def test_corrupt_checkpoint_is_named_and_the_previous_one_is_used(tiny_config, damage):
+    cfg = tiny_config()
+    run = Path(cfg.train.out_dir)
+    train(cfg, run)
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    if damage == "truncate":
+        victim = newest / "model.safetensors"
+        victim.write_bytes(victim.read_bytes()[:100])
+    elif damage == "flip":
+        victim = newest / "ema.safetensors"
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim = newest / "state.json"
+        victim.write_text('{"step": 1')
+    with pytest.raises(CheckpointError, match=str(victim.name)):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        fallback = load_latest(run / "checkpoints")
+    assert fallback.step == 8
+
+
+def test_all_checkpoints_corrupt_is_an_error(tmp_path):
+    bad = tmp_path / "checkpoints" / "step-000000001"
+    bad.mkdir(parents=True)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_latest(tmp_path / "checkpoints")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    run = Path(cfg.train.out_dir)
+    original = EpsilonLoss.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(EpsilonLoss, "__call__", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 6.*step-000000004"):
+        train(cfg, run)
+    ckpt = load_latest(run / "checkpoints")
+    assert ckpt.step == 4
+    assert all(torch.isfinite(v).all() for v in ckpt.tensors["model"].values())
+
+
+def test_step_batch_sampler_covers_each_epoch_once_and_splits_ranks():
+    full = list(StepBatchSampler(20, 4, 0, 1, seed=3, start_step=0, total_steps=10))
+    epoch0 = sorted(i for batch in full[:5] for i in batch)
+    assert epoch0 == list(range(20))
+    assert full[:5] != full[5:10]  # a new permutation each epoch
+    # resuming at step 7 serves the same batches as the uninterrupted sampler
+    assert list(StepBatchSampler(20, 4, 0, 1, 3, 7, 10)) == full[7:]
+    ranks = [list(StepBatchSampler(20, 4, r, 2, 3, 0, 10)) for r in (0, 1)]
+    for step in range(10):
+        assert ranks[0][step] + ranks[1][step] == full[step]
+
+
+def test_ema_follows_its_closed_form():
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = EMA(net, decay=0.9)
+    expected = torch.zeros(1, 2)
+    for n in range(30):
+        with torch.no_grad():
+            net.weight.fill_(float(n + 1))
+        ema.update(net, n)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * (n + 1)
+    assert torch.allclose(ema.shadow.weight, expected)
+
+
+def test_learning_rate_schedule(tiny_config):
+    cfg = tiny_config(train={"steps": 110, "warmup_steps": 10, "lr": 1.0, "lr_decay": "cosine"}).train
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    constant = tiny_config(train={"lr_decay": "constant", "warmup_steps": 0, "lr": 0.5}).train
+    assert lr_at(7, constant) == 0.5
+
+
+def test_metrics_csv_columns(tiny_config):
+    cfg = tiny_config()
+    train(cfg, Path(cfg.train.out_dir))
+    rows = list(csv.DictReader(open(Path(cfg.train.out_dir) / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(math.isfinite(float(r["loss"])) and float(r["steps_per_sec"]) > 0 for r in rows)
