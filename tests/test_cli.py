@@ -34,7 +34,9 @@ def test_info_ends_with_the_parameter_count(capsys):
 def test_info_applies_overrides(capsys):
     assert main(["info", "--model.channels", "32", "--model.num_classes", "0"]) == 0
     out = capsys.readouterr().out
-    expected = count_parameters(build_network(build_config("mnist-nano", {"model": {"channels": 32, "num_classes": 0}}).model))
+    expected = count_parameters(
+        build_network(build_config("mnist-nano", {"model": {"channels": 32, "num_classes": 0}}).model)
+    )
     assert out.strip().endswith(f"parameters: {expected}") and "unconditional" in out
 
 
@@ -67,8 +69,29 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
 
     # sample one class with another seed; same seed twice gives identical images
     for prefix in ("a", "b"):
-        assert main(["sample", str(run), "--class", "3", "--count", "4", "--steps", "4", "--seed", "9",
-                     "--guidance-scale", "3", "--sampler", "ddpm", "--out", str(tmp_path / prefix)]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    str(run),
+                    "--class",
+                    "3",
+                    "--count",
+                    "4",
+                    "--steps",
+                    "4",
+                    "--seed",
+                    "9",
+                    "--guidance-scale",
+                    "3",
+                    "--sampler",
+                    "ddpm",
+                    "--out",
+                    str(tmp_path / prefix),
+                ]
+            )
+            == 0
+        )
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["labels"].tolist() == [3, 3, 3, 3]
     assert np.array_equal(a["images"], b["images"])

@@ -16,8 +16,10 @@ from condlora.train.checkpoint import list_checkpoints, load_latest
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_two_process_ddp_run(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -40,3 +42,36 @@ def test_two_process_ddp_run(tmp_path):
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     # training actually moved the weights away from the initialisation
     assert not torch.equal(rank0["out_conv.weight"], torch.zeros_like(rank0["out_conv.weight"]))
+
+
+def test_cli_under_torchrun_agrees_on_one_default_run_directory(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny = [
+        "--preset",
+        "digits-nano",
+        "--model.channels",
+        "8",
+        "--model.channel_mult",
+        "1,2",
+        "--model.attn_levels",
+        "1",
+        "--model.num_heads",
+        "2",
+        "--diffusion.num_timesteps",
+        "100",
+        "--train.steps",
+        "2",
+        "--train.batch_size",
+        "8",
+        "--train.progress",
+        "false",
+        "--no-sample",
+    ]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "condlora.cli", "train", *tiny]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("digits-nano-")
+    assert [p.name for p in list_checkpoints(runs[0] / "checkpoints")] == ["step-000000002"]
+    assert done.stdout.count("trained 2 steps") == 1  # only rank 0 reports

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from condlora.config import SampleConfig
 from condlora.diffusion import (
     NoiseSchedule,
     PerSampleNoise,
@@ -11,7 +12,6 @@ from condlora.diffusion import (
     ddpm_sample,
 )
 from condlora.diffusion.generate import generate
-from condlora.config import SampleConfig
 from condlora.nets import NULL_LABEL, NanoUNet
 
 SCHEDULE = NoiseSchedule.create("linear", 1000)
@@ -87,8 +87,9 @@ def test_sampling_does_not_depend_on_batch_size(sampler):
     net = _tiny_net()
     cfg = SampleConfig(sampler=sampler, steps=8, eta=0.5, guidance_scale=1.5, count=7, seed=11, batch_size=7)
     whole, labels = generate(net, SCHEDULE, cfg, (1, 8, 8), num_classes=3, progress=False)
-    split, labels2 = generate(net, SCHEDULE, SampleConfig(**{**cfg.__dict__, "batch_size": 3}), (1, 8, 8), 3,
-                              progress=False)
+    split, labels2 = generate(
+        net, SCHEDULE, SampleConfig(**{**cfg.__dict__, "batch_size": 3}), (1, 8, 8), 3, progress=False
+    )
     assert torch.equal(labels, labels2)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert torch.allclose(whole, split, atol=1e-5)

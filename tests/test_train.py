@@ -15,9 +15,11 @@ from condlora.train.checkpoint import CheckpointError, list_checkpoints, load_ch
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = load_latest(run_dir / "checkpoints")
-    return {**{f"model.{k}": v for k, v in ckpt.tensors["model"].items()},
-            **{f"ema.{k}": v for k, v in ckpt.tensors["ema"].items()},
-            **{f"opt.{k}": v for k, v in ckpt.tensors["optimizer"].items()}}
+    return {
+        **{f"model.{k}": v for k, v in ckpt.tensors["model"].items()},
+        **{f"ema.{k}": v for k, v in ckpt.tensors["ema"].items()},
+        **{f"opt.{k}": v for k, v in ckpt.tensors["optimizer"].items()},
+    }
 
 
 def test_loss_drops_on_a_tiny_run(tiny_config):

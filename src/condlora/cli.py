@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -80,33 +79,34 @@ def cmd_train(args: argparse.Namespace) -> None:
     from condlora.train.distributed import init_distributed, shutdown_distributed
 
     if args.resume:
-        cfg, preset = _resume_config(args)
-        out_dir = Path(args.resume)
+        (cfg, preset), out_dir = _resume_config(args), Path(args.resume)
     else:
         cfg, preset = _config_from_args(args), args.preset
-        out_dir = Path(cfg.train.out_dir or _default_out_dir(preset))
     dist = init_distributed(cfg.train.device)
+    if not args.resume:
+        out_dir = Path(cfg.train.out_dir or dist.broadcast(_default_out_dir(preset)))
     try:
         result = train(cfg, out_dir, resume=bool(args.resume), preset=preset)
         if not dist.is_main:
             return
-        print(
-            f"trained {result.steps} steps in {result.train_seconds / 60:.1f} min; checkpoint: {result.checkpoint}"
-        )
+        print(f"trained {result.steps} steps in {result.train_seconds / 60:.1f} min; checkpoint: {result.checkpoint}")
         if not args.no_sample:
             net, cfg, _ = load_model(result.checkpoint, cfg.sample.use_ema, dist.device)
-            png, npz = sample_to_files(
-                net, cfg, cfg.sample, out_dir / "samples", dist.device, cfg.train.progress
-            )
+            png, npz = sample_to_files(net, cfg, cfg.sample, out_dir / "samples", dist.device, cfg.train.progress)
             print(f"samples: {png}\n         {npz}")
+            if cfg.data.dataset == "mnist5k" and cfg.model.num_classes == 10:
+                cmd_eval(argparse.Namespace(samples=npz, cache_dir=None))
     finally:
         shutdown_distributed()
 
 
 def _default_out_dir(preset: str) -> str:
-    """runs/<preset>-<time>; under torchrun every rank derives the same name from the launch time."""
-    stamp = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    return str(Path("runs") / f"{preset}-{stamp or time.strftime('%Y%m%d-%H%M%S')}")
+    """runs/<preset>-<date>-<time>, with a suffix if that directory exists already."""
+    base = Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return str(path)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -127,11 +127,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
     )
-    out = (
-        Path(args.out) if args.out else ckpt.path.parent.parent / f"samples-step{ckpt.step}-seed{sample.seed}"
-    )
+    out = Path(args.out) if args.out else ckpt.path.parent.parent / f"samples-step{ckpt.step}-seed{sample.seed}"
     png, npz = sample_to_files(net, cfg, sample, out, device, progress=True)
     print(f"sampled {sample.count} images from {ckpt.path}\n  {png}\n  {npz}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from condlora.pipeline import digit_class_accuracy
+
+    overall, per_class = digit_class_accuracy(args.samples, args.cache_dir)
+    print(f"class accuracy (reference MNIST classifier): {overall:.1%}")
+    print("  " + "  ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (then sample it)", description="Train, then sample.")
     _add_config_options(p)
-    p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest good checkpoint"
-    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest good checkpoint")
     p.add_argument("--no-sample", action="store_true", help="skip sampling after training")
     p.set_defaults(func=cmd_train)
 
@@ -160,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="class accuracy of MNIST samples under a reference classifier")
+    p.add_argument("samples", help="a samples .npz written by `condlora sample` or `condlora train`")
+    p.add_argument("--cache-dir", help="where the trained reference classifier is cached")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="print the architecture of a preset + overrides and its parameter count")
     _add_config_options(p)

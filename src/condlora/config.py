@@ -207,9 +207,7 @@ class SampleConfig:
         _check(0 <= self.eta <= 1, "sample", "eta", "must be in [0, 1]", self.eta)
         _check(self.guidance_scale >= 0, "sample", "guidance_scale", "must be >= 0", self.guidance_scale)
         _check(self.count >= 1, "sample", "count", "must be >= 1", self.count)
-        _check(
-            self.class_label >= -1, "sample", "class_label", "must be -1 or a class index", self.class_label
-        )
+        _check(self.class_label >= -1, "sample", "class_label", "must be -1 or a class index", self.class_label)
         _check(self.batch_size >= 1, "sample", "batch_size", "must be >= 1", self.batch_size)
 
 

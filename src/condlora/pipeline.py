@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,11 +55,7 @@ def sample_to_files(
         progress,
     )
     u8 = unscale(images)
-    nrow = (
-        m.num_classes
-        if (m.num_classes and sample.class_label < 0 and sample.count >= m.num_classes)
-        else None
-    )
+    nrow = m.num_classes if (m.num_classes and sample.class_label < 0 and sample.count >= m.num_classes) else None
     png = save_grid(u8, out_prefix.with_suffix(".png"), nrow=nrow)
     npz = save_samples_npz(u8, labels.numpy(), out_prefix.with_suffix(".npz"))
     return png, npz
@@ -70,3 +67,27 @@ def with_sample_overrides(cfg: RunConfig, **overrides) -> SampleConfig:
     sample = dataclasses.replace(cfg.sample, **given)
     RunConfig(cfg.data, cfg.model, cfg.diffusion, cfg.train, sample)  # cross-section checks
     return sample
+
+
+def digit_class_accuracy(
+    samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+) -> tuple[float, dict[int, float]]:
+    """Accuracy of the reference MNIST classifier on a samples `.npz` (28x28 grayscale, class labels)."""
+    from condlora.eval.classifier import cached_digit_classifier, per_class_accuracy
+
+    path = Path(samples_npz)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file does not exist: {path}")
+    try:
+        data = np.load(path)
+        images, labels = data["images"], data["labels"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a samples archive with 'images' and 'labels': {err}") from None
+    if images.shape[1:] != (28, 28, 1):
+        raise ValueError(f"{path}: class accuracy needs 28x28 grayscale digits, got images of shape {images.shape}")
+    if (labels < 0).any() or (labels > 9).any():
+        raise ValueError(f"{path}: labels must be digit classes 0-9 (unconditional samples have label -1)")
+    net = cached_digit_classifier(cache_dir, progress)
+    per_class = per_class_accuracy(net, images, labels)
+    overall = float(np.mean([per_class[int(c)] for c in labels]))
+    return overall, per_class

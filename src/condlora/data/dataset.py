@@ -58,9 +58,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise DataError(
-                f"images must be uint8 (N, H, W, C) with C in {{1, 3}}, got {images.dtype} {images.shape}"
-            )
+            raise DataError(f"images must be uint8 (N, H, W, C) with C in {{1, 3}}, got {images.dtype} {images.shape}")
         if labels.shape != (images.shape[0],):
             raise DataError(f"{images.shape[0]} images but labels have shape {labels.shape}")
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

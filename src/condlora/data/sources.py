@@ -53,17 +53,11 @@ class ImageSource:
         # Loaders already validate with file-specific messages; this guards direct construction.
         im, lb = self.images, self.labels
         if im.dtype != np.uint8 or im.ndim != 4 or im.shape[-1] not in (1, 3):
-            raise DataError(
-                f"{self.name}: images must be uint8 (N, H, W, C), C in {{1, 3}}; got {im.dtype} {im.shape}"
-            )
+            raise DataError(f"{self.name}: images must be uint8 (N, H, W, C), C in {{1, 3}}; got {im.dtype} {im.shape}")
         if lb.dtype != np.int64 or lb.shape != (im.shape[0],):
-            raise DataError(
-                f"{self.name}: labels must be int64 of shape ({im.shape[0]},), got {lb.dtype} {lb.shape}"
-            )
+            raise DataError(f"{self.name}: labels must be int64 of shape ({im.shape[0]},), got {lb.dtype} {lb.shape}")
         if len(self.class_names) != self.num_classes:
-            raise DataError(
-                f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes"
-            )
+            raise DataError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
         _check_labels(lb, self.num_classes, self.name)
 
     @property
@@ -218,9 +212,7 @@ def _npz_images(images: np.ndarray, origin: Path) -> np.ndarray:
     """
     expected = "uint8 of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}"
     if images.dtype != np.uint8:
-        raise DataError(
-            f"{origin}: 'images' has dtype {images.dtype} and shape {images.shape}, expected {expected}"
-        )
+        raise DataError(f"{origin}: 'images' has dtype {images.dtype} and shape {images.shape}, expected {expected}")
     if images.ndim == 3:
         return images[..., None]
     if images.ndim == 4:
@@ -293,9 +285,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(
-            f"CIFAR-10 batch {path}: data has {data.dtype} {data.shape}, expected uint8 (n, 3072)"
-        )
+        raise DataError(f"CIFAR-10 batch {path}: data has {data.dtype} {data.shape}, expected uint8 (n, 3072)")
     if labels.shape != (data.shape[0],):
         raise DataError(f"CIFAR-10 batch {path}: {data.shape[0]} images but {labels.shape} labels")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

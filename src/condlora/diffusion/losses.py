@@ -19,9 +19,7 @@ class UniformTimestepSampler:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """(batch_size,) int64 steps on the generator's device."""
-        return torch.randint(
-            0, self.num_timesteps, (batch_size,), generator=generator, device=generator.device
-        )
+        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=generator.device)
 
 
 class EpsilonLoss:

@@ -26,8 +26,12 @@ def timestep_embedding(noise_level: torch.Tensor, dim: int, max_period: float = 
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups, the largest count dividing `channels` (small nets have few channels)."""
-    groups = math.gcd(32, channels)
+    """GroupNorm with up to 32 groups of at least 4 channels (32 groups for C >= 128, as in DDPM / IDDPM).
+
+    Narrow networks must not fall back to one channel per group: that is instance norm, which erases
+    each channel's mean, the global brightness the denoiser has to predict.
+    """
+    groups = math.gcd(32, max(channels // 4, 1))
     return nn.GroupNorm(groups, channels)
 
 

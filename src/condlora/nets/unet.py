@@ -78,9 +78,7 @@ class NanoUNet(nn.Module):
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(
-                    self._stage(
-                        c + skip_widths.pop(), width, emb_dim, dropout, level in attn_levels, num_heads
-                    )
+                    self._stage(c + skip_widths.pop(), width, emb_dim, dropout, level in attn_levels, num_heads)
                 )
                 c = width
             if level > 0:

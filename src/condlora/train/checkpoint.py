@@ -102,9 +102,7 @@ def save_checkpoint(
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    write_json_atomic(
-        tmp / STATE_FILE, {**state, "format_version": FORMAT_VERSION, "step": step, "files": files}
-    )
+    write_json_atomic(tmp / STATE_FILE, {**state, "format_version": FORMAT_VERSION, "step": step, "files": files})
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
         stale = root / f".stale-{final.name}-{os.getpid()}"

@@ -29,6 +29,14 @@ class DistContext:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's value of a picklable Python object, on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

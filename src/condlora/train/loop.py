@@ -99,9 +99,7 @@ def train_step(
     if cfg.data.hflip:
         x0 = random_hflip(x0, generator)
     if labels is not None and cfg.diffusion.label_dropout > 0:
-        drop = (
-            torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.diffusion.label_dropout
-        )
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.diffusion.label_dropout
         labels = torch.where(drop, NULL_LABEL, labels)
     loss = loss_fn(model, x0, labels, generator).mean()
     mean_loss = dist.mean(loss.detach())
@@ -146,9 +144,7 @@ def _check_data(cfg: RunConfig, train_set: ImageDataset) -> None:
             f"set --data.image_size {m.image_size} to resize or --model.image_size {h}"
         )
     if train_set.channels != m.in_channels:
-        raise DataError(
-            f"dataset images have {train_set.channels} channels but model.in_channels={m.in_channels}"
-        )
+        raise DataError(f"dataset images have {train_set.channels} channels but model.in_channels={m.in_channels}")
     if m.num_classes and train_set.num_classes > m.num_classes:
         raise DataError(
             f"dataset has {train_set.num_classes} classes but model.num_classes={m.num_classes}; "
@@ -215,9 +211,7 @@ def _preview(state: _State, cfg: RunConfig, schedule: NoiseSchedule, path: Path,
         class_label=-1,
     )
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    images, _ = generate(
-        state.ema.shadow, schedule, preview, shape, cfg.model.num_classes, dist.device, False
-    )
+    images, _ = generate(state.ema.shadow, schedule, preview, shape, cfg.model.num_classes, dist.device, False)
     save_grid(unscale(images), path, nrow=k if cfg.model.num_classes else 4)
 
 
@@ -241,9 +235,7 @@ class _MetricsLog:
 
 def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int) -> DataLoader:
     if cfg.train.batch_size % dist.world_size:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by {dist.world_size} processes"
-        )
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by {dist.world_size} processes")
     sampler = StepBatchSampler(
         len(train_set),
         cfg.train.batch_size,
@@ -303,12 +295,8 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
     log = _MetricsLog(out_dir / "metrics.csv", dist.is_main)
     last_ckpt = None
     if dist.is_main and state.step == 0:
-        print(
-            f"training {cfg.model.backbone} ({count_parameters(state.net):,} parameters) for {t_cfg.steps} steps"
-        )
-    bar = tqdm(
-        total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step"
-    )
+        print(f"training {cfg.model.backbone} ({count_parameters(state.net):,} parameters) for {t_cfg.steps} steps")
+    bar = tqdm(total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step")
     start_time = window_start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for indices_batch in _loader(cfg, train_set, dist, state.step):
