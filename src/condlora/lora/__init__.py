@@ -1,0 +1,43 @@
+"""Conditioned LoRA: layers, conditioning strategies (TimeLoRA, ClassLoRA, UC-LoRA) and injection."""
+
+from condlora.lora.inject import (
+    bind_conditions,
+    conditioned_layers,
+    inject_conditioned_lora,
+    load_lora,
+    lora_state_dict,
+    merge_lora,
+    save_lora,
+    unmerge_lora,
+)
+from condlora.lora.layer import ConditionedLoRA
+from condlora.lora.strategies import (
+    UCMLP,
+    ClassSelect,
+    ClassTable,
+    Conditions,
+    TimeTable,
+    basis_timesteps,
+    linear_interpolation_table,
+    onehot_table,
+)
+
+__all__ = [
+    "UCMLP",
+    "ClassSelect",
+    "ClassTable",
+    "ConditionedLoRA",
+    "Conditions",
+    "TimeTable",
+    "basis_timesteps",
+    "bind_conditions",
+    "conditioned_layers",
+    "inject_conditioned_lora",
+    "linear_interpolation_table",
+    "load_lora",
+    "lora_state_dict",
+    "merge_lora",
+    "onehot_table",
+    "save_lora",
+    "unmerge_lora",
+]

@@ -1,0 +1,154 @@
+"""Attach conditioned LoRA to any model by module-name pattern, pass conditions per call, save / load / merge.
+
+Conditions reach the layers explicitly: `bind_conditions(model, cond)` hands them to every conditioned
+layer of `model` for the duration of one forward call and takes them back afterwards, so no state
+outlives the call and nothing is global. Foreign modules (a diffusers UNet's `to_q`) keep their own
+signatures.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from condlora.lora.layer import ConditionedLoRA
+from condlora.lora.strategies import Conditions
+
+StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def inject_conditioned_lora(
+    model: nn.Module,
+    targets: Sequence[str],
+    strategies: StrategyFactory,
+    rank: int = 4,
+    basis_bias: bool = False,
+) -> list[str]:
+    """Replace every module whose qualified name matches one of `targets` (fnmatch patterns such as
+    "*.qkv" or "*attn1.to_q") by a ConditionedLoRA wrapping it.
+
+    Args:
+        model: any nn.Module; modified in place.
+        targets: name patterns; each match must be nn.Linear or a 1x1 nn.Conv1d / nn.Conv2d.
+        strategies: called as strategies(name, base_layer) -> {bank name: strategy}, fresh per layer.
+        rank: r.
+        basis_bias: add the per-basis bias.
+    Returns:
+        The names of the wrapped modules; an error if none matched.
+    """
+    wrapped = [f"{name}." for name, _ in conditioned_layers(model)]  # never wrap inside a LoRA layer
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name
+        and _matches(name, targets)
+        and not isinstance(module, ConditionedLoRA)
+        and not any(name.startswith(prefix) for prefix in wrapped)
+    ]
+    if not found:
+        raise ValueError(f"no module of {type(model).__name__} matches {list(targets)}")
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = ConditionedLoRA(module, strategies(name, module), rank=rank, basis_bias=basis_bias)
+        setattr(parent, child, layer.to(device=module.weight.device))
+    return [name for name, _ in found]
+
+
+def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]]:
+    """(name, layer) for every conditioned LoRA layer in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, ConditionedLoRA):
+            yield name, module
+
+
+@contextmanager
+def bind_conditions(model: nn.Module, cond: Conditions) -> Iterator[None]:
+    """Give `cond` to every conditioned layer of `model` for the enclosed call(s), then take it back."""
+    layers = [layer for _, layer in conditioned_layers(model)]
+    previous = [layer.conditions for layer in layers]
+    for layer in layers:
+        layer.conditions = cond
+    try:
+        yield
+    finally:
+        for layer, prev in zip(layers, previous, strict=True):
+            layer.conditions = prev
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA and conditioning tensors (adapters, per-basis biases, omega tables, MLPs)."""
+    out = {}
+    for name, layer in conditioned_layers(model):
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base_layer."):
+                out[f"{name}.{key}"] = value
+    return out
+
+
+def save_lora(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
+    """Write adapter_model.safetensors and adapter_config.json (the injection recipe) atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    for name, data in ((ADAPTER_WEIGHTS, None), (ADAPTER_CONFIG, config)):
+        tmp = directory / f".{name}.tmp-{os.getpid()}"
+        if data is None:
+            save_file(tensors, str(tmp))
+        else:
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, directory / name)
+    return directory
+
+
+def load_lora(model: nn.Module, directory: str | Path) -> dict[str, Any]:
+    """Load LoRA weights saved by `save_lora` into a model with the same injection; returns the config."""
+    directory = Path(directory)
+    weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
+    for path in (weights, config):
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file missing: {path}")
+    try:
+        tensors = load_file(str(weights))
+        meta = json.loads(config.read_text())
+    except Exception as err:  # safetensors raises its own error type; JSON its own
+        raise ValueError(f"corrupt LoRA files in {directory}: {err}") from None
+    expected = lora_state_dict(model)
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA weights in {weights} do not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    for name, layer in conditioned_layers(model):
+        prefix = f"{name}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        layer.load_state_dict(own, strict=False)
+    return meta
+
+
+def merge_lora(model: nn.Module, cond: Conditions) -> None:
+    """Fold the deltas for one shared condition into every base weight (see ConditionedLoRA.merge)."""
+    for _, layer in conditioned_layers(model):
+        layer.merge(cond)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora`."""
+    for _, layer in conditioned_layers(model):
+        layer.unmerge()

@@ -1,0 +1,150 @@
+"""The conditioned LoRA layer: a base layer plus a bank of rank-r adapters mixed per sample by omega.
+
+out = base(x) + sum_i omega_i B_i A_i x  (+ sum_i omega_i b_i with the optional per-basis bias)
+
+All adapters are stacked into one down projection A (r*M x C_in) and one up projection B (C_out x r*M), so
+the per-sample sum is a single rank-(r*M) product scaled by omega repeated r times: no per-sample weight
+is ever built. When every sample of a batch has the same omega (sampling at one timestep and one class),
+the weighted delta is merged into the base weight once for that call instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condlora.lora.strategies import Conditions
+
+
+def _layer_shape(base: nn.Module) -> tuple[int, int, int]:
+    """(C_in, C_out, channel dim) of a supported base layer, else a clear error."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, -1
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        if any(k != 1 for k in base.kernel_size) or base.groups != 1 or any(s != 1 for s in base.stride):
+            raise TypeError(f"conditioned LoRA needs a 1x1, stride-1, ungrouped convolution, got {base}")
+        return base.in_channels, base.out_channels, 1
+    raise TypeError(f"conditioned LoRA wraps nn.Linear, 1x1 nn.Conv1d or 1x1 nn.Conv2d, got {type(base).__name__}")
+
+
+class ConditionedLoRA(nn.Module):
+    """A base layer plus LoRA banks whose mixing weights come from conditioning strategies.
+
+    Args:
+        base_layer: nn.Linear (channels last) or 1x1 nn.Conv1d / nn.Conv2d (channels at dim 1).
+        strategies: name -> strategy module with `num_bases`; their omegas are concatenated, so time and
+            class banks can share one layer.
+        rank: r of every adapter.
+        basis_bias: add the zero-initialised per-basis bias (r*M, C_out) of the published UC-LoRA code.
+        merge_shared: when all samples share omega, merge the delta into the weight for the call.
+
+    A ~ N(0, (1/r)^2) (std 1/r, as in the published code) and B = 0, so a fresh layer equals its base.
+    Conditions are set per call by `bind_conditions` (see `condlora.lora.inject`).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        strategies: dict[str, nn.Module],
+        rank: int = 4,
+        basis_bias: bool = False,
+        merge_shared: bool = True,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base_layer = base_layer
+        self.c_in, self.c_out, self.channel_dim = _layer_shape(base_layer)
+        self.rank, self.merge_shared = rank, merge_shared
+        self.strategies = nn.ModuleDict(strategies)
+        self.num_bases = sum(s.num_bases for s in self.strategies.values())
+        width = rank * self.num_bases
+        self.lora_down = nn.Parameter(torch.randn(width, self.c_in) / rank)  # A_i stacked: (r*M, C_in)
+        self.lora_up = nn.Parameter(torch.zeros(self.c_out, width))  # B_i stacked: (C_out, r*M)
+        self.basis_bias = nn.Parameter(torch.zeros(width, self.c_out)) if basis_bias else None
+        self.conditions: Conditions | None = None
+        self.merged = False
+
+    def omega(self, cond: Conditions) -> torch.Tensor:
+        """(B, M) mixing weights, the strategies' outputs side by side."""
+        return torch.cat([s(cond) for s in self.strategies.values()], dim=1)
+
+    def delta_weight(self, omega: torch.Tensor) -> torch.Tensor:
+        """sum_i omega_i B_i A_i for one omega (M,), as a (C_out, C_in) matrix."""
+        return self.lora_up @ (omega.repeat_interleave(self.rank)[:, None] * self.lora_down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.conditions is None:
+            raise RuntimeError("conditioned LoRA called without conditions; wrap the call in bind_conditions()")
+        omega = self.omega(self.conditions).to(x.dtype)  # (B, M)
+        if omega.shape[0] != x.shape[0]:
+            raise ValueError(f"conditions are for {omega.shape[0]} samples but the input has {x.shape[0]}")
+        if self.merge_shared and bool((omega == omega[:1]).all()):
+            return self._forward_merged(x, omega[0])
+        return self._forward_batched(x, omega)
+
+    def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        scale = omega.repeat_interleave(self.rank, dim=1)  # (B, r*M)
+        h = self._project(x, self.lora_down)  # (B, ..., r*M, ...)
+        h = h * self._broadcast(scale, x)
+        out = self.base_layer(x) + self._project(h, self.lora_up)
+        if self.basis_bias is not None:
+            out = out + self._broadcast(scale @ self.basis_bias, x)  # (B, C_out) per sample
+        return out
+
+    def _forward_merged(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        weight = self._base_weight() + self.delta_weight(omega)
+        bias = self.base_layer.bias
+        if self.basis_bias is not None:
+            extra = omega.repeat_interleave(self.rank) @ self.basis_bias
+            bias = extra if bias is None else bias + extra
+        return self._project(x, weight, bias)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.reshape(self.c_out, self.c_in)
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A (C_out', C_in') matrix applied along the channel dimension of x."""
+        if self.channel_dim == -1:
+            return F.linear(x, weight, bias)
+        spatial = x.dim() - 2
+        kernel = weight.reshape(*weight.shape, *([1] * spatial))
+        return (F.conv1d if spatial == 1 else F.conv2d)(x, kernel, bias)
+
+    def _broadcast(self, per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, K) -> a shape that broadcasts against x's channel dimension."""
+        if self.channel_dim == -1:
+            return per_sample.reshape(per_sample.shape[0], *([1] * (x.dim() - 2)), per_sample.shape[1])
+        return per_sample.reshape(*per_sample.shape, *([1] * (x.dim() - 2)))
+
+    @torch.no_grad()
+    def merge(self, cond: Conditions) -> None:
+        """Fold the delta for one shared condition into the base weight (e.g. a fixed class for deployment)."""
+        if self.merged:
+            raise RuntimeError("layer is already merged; unmerge() first")
+        omega = self.omega(cond)
+        if not bool((omega == omega[:1]).all()):
+            raise ValueError("merge() needs one condition shared by the whole batch")
+        self._merged_omega = omega[0].clone()
+        self._add_delta(self._merged_omega, sign=1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`, restoring the base weight (up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        self._add_delta(self._merged_omega, sign=-1.0)
+        self.merged = False
+
+    def _add_delta(self, omega: torch.Tensor, sign: float) -> None:
+        w = self.base_layer.weight
+        w.add_(sign * self.delta_weight(omega).reshape(w.shape))
+        if self.basis_bias is not None:
+            extra = sign * (omega.repeat_interleave(self.rank) @ self.basis_bias)
+            if self.base_layer.bias is None:
+                raise RuntimeError("cannot merge a per-basis bias into a base layer without bias")
+            self.base_layer.bias.add_(extra)

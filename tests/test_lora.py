@@ -1,0 +1,229 @@
+"""Conditioned LoRA against a naive per-sample reference W_t = W + sum_i omega_i B_i A_i."""
+
+import pytest
+import torch
+from torch import nn
+
+from condlora.lora import (
+    UCMLP,
+    ClassSelect,
+    ClassTable,
+    ConditionedLoRA,
+    Conditions,
+    TimeTable,
+    basis_timesteps,
+    bind_conditions,
+    inject_conditioned_lora,
+    linear_interpolation_table,
+    load_lora,
+    lora_state_dict,
+    merge_lora,
+    onehot_table,
+    save_lora,
+    unmerge_lora,
+)
+
+T, C, D = 50, 4, 16
+
+
+def _strategies(kind: str) -> dict[str, nn.Module]:
+    return {
+        "time_fixed": {"time": TimeTable(T, 6)},
+        "time_noncomp": {"time": TimeTable(T, T, init="onehot")},
+        "time_train_gaussian": {"time": TimeTable(T, 6, trainable=True, init="gaussian")},
+        "class": {"class": ClassSelect(C)},
+        "class_comp": {"class": ClassTable(C, 3)},
+        "uc": {"uc": UCMLP(D, 5, widths=(8, 8))},
+        "time_and_class": {"time": TimeTable(T, 6, trainable=True, init="onehot"), "class": ClassSelect(C)},
+    }[kind]
+
+
+def _base(layout: str) -> nn.Module:
+    return {"linear": nn.Linear(12, 10), "conv1d": nn.Conv1d(12, 10, 1), "conv2d": nn.Conv2d(12, 10, 1)}[layout]
+
+
+def _input(layout: str, batch: int) -> torch.Tensor:
+    return {
+        "linear": torch.randn(batch, 7, 12),
+        "conv1d": torch.randn(batch, 12, 7),
+        "conv2d": torch.randn(batch, 12, 3, 2),
+    }[layout]
+
+
+def _conditions(batch: int, shared: bool = False) -> Conditions:
+    """Random per-sample conditions, or one condition repeated over the batch."""
+    g = torch.Generator().manual_seed(1)
+    n = 1 if shared else batch
+    timestep = torch.randint(0, T, (n,), generator=g).expand(batch)
+    labels = torch.randint(-1, C, (n,), generator=g).expand(batch)
+    embedding = torch.randn(n, D, generator=g).expand(batch, D)
+    return Conditions(timestep=timestep, labels=labels, embedding=embedding)
+
+
+def _randomise(layer: ConditionedLoRA) -> None:
+    with torch.no_grad():
+        layer.lora_up.normal_()  # B = 0 at init would make every check trivial
+        if layer.basis_bias is not None:
+            layer.basis_bias.normal_()
+
+
+def _naive(layer: ConditionedLoRA, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
+    """Build W_t for each sample and apply it to that sample alone."""
+    omega = layer.omega(cond)
+    w0 = layer.base_layer.weight.reshape(layer.c_out, layer.c_in)
+    outs = []
+    for i in range(x.shape[0]):
+        w = w0.clone()
+        bias = layer.base_layer.bias.clone()
+        for j in range(layer.num_bases):
+            rows = slice(j * layer.rank, (j + 1) * layer.rank)
+            w = w + omega[i, j] * layer.lora_up[:, rows] @ layer.lora_down[rows]  # omega_j B_j A_j
+            if layer.basis_bias is not None:
+                bias = bias + omega[i, j] * layer.basis_bias[rows].sum(0)
+        xi = x[i : i + 1]
+        if layer.channel_dim == -1:
+            outs.append(xi @ w.T + bias)
+        else:
+            flat = xi.flatten(2)  # (1, C_in, L)
+            outs.append((torch.einsum("oc,bcl->bol", w, flat) + bias[:, None]).reshape(1, layer.c_out, *xi.shape[2:]))
+    return torch.cat(outs)
+
+
+KINDS = ["time_fixed", "time_noncomp", "time_train_gaussian", "class", "class_comp", "uc", "time_and_class"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("basis_bias", [False, True])
+def test_batched_path_equals_naive_per_sample_reference(kind, layout, basis_bias):
+    layer = ConditionedLoRA(_base(layout), _strategies(kind), rank=3, basis_bias=basis_bias)
+    _randomise(layer)
+    x, cond = _input(layout, 5), _conditions(5)
+    layer.conditions = cond
+    assert torch.allclose(layer(x), _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["linear", "conv2d"])
+def test_shared_condition_takes_the_merged_path_and_matches(kind, layout, monkeypatch):
+    layer = ConditionedLoRA(_base(layout), _strategies(kind), rank=2, basis_bias=True)
+    _randomise(layer)
+    x, cond = _input(layout, 4), _conditions(4, shared=True)
+    layer.conditions = cond
+    calls = []
+    original = ConditionedLoRA._forward_merged
+    monkeypatch.setattr(ConditionedLoRA, "_forward_merged", lambda *a: calls.append(1) or original(*a))
+    out = layer(x)
+    assert calls == [1]
+    assert torch.allclose(out, _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
+    layer.merge_shared = False  # the batched path gives the same answer
+    assert torch.allclose(layer(x), out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_lora_leaves_the_output_unchanged(kind):
+    base = _base("linear")
+    layer = ConditionedLoRA(base, _strategies(kind), rank=4)
+    x = _input("linear", 3)
+    layer.conditions = _conditions(3)
+    assert torch.equal(layer(x), base(x))
+    assert layer.lora_down.std().item() == pytest.approx(1 / 4, rel=0.2)  # A ~ N(0, (1/r)^2)
+
+
+def test_linear_interpolation_table_closed_form():
+    table = linear_interpolation_table(1001, 11)  # m = 10 divides T - 1 = 1000: knots at 1, 101, ..., 1001
+    knots = basis_timesteps(1001, 11)
+    assert knots.tolist() == [1 + 100 * i for i in range(11)]
+    assert torch.allclose(table.sum(1), torch.ones(1001))
+    assert int((table != 0).sum(1).max()) <= 2
+    for i, k in enumerate(knots.long().tolist()):
+        assert torch.equal(table[k - 1], torch.nn.functional.one_hot(torch.tensor(i), 11).float())
+    # step s = 151 lies halfway between knots 101 and 201
+    assert table[150, 1].item() == pytest.approx(0.5) and table[150, 2].item() == pytest.approx(0.5)
+
+
+def test_linear_interpolation_when_m_does_not_divide():
+    table = linear_interpolation_table(1000, 11)  # knots 1, 100.9, 200.8, ...
+    assert torch.allclose(table.sum(1), torch.ones(1000))
+    assert int((table != 0).sum(1).max()) <= 2
+    assert table[0, 0].item() == 1.0 and table[-1, -1].item() == pytest.approx(1.0)  # ends are integer knots
+    assert table[:, 1].max().item() < 1.0  # a fractional knot is never hit exactly
+    assert table[:, 1].argmax().item() == 101 - 1  # ...but peaks at the nearest step, s = 101
+
+
+def test_onehot_table():
+    table = onehot_table(1001, 11)
+    assert torch.equal(table.sum(1), torch.ones(1001))
+    assert table[0, 0] == 1 and table[99, 0] == 1 and table[100, 1] == 1 and table[-1, -1] == 1
+
+
+def test_class_vector_interpolates_between_classes():
+    select = ClassSelect(4)
+    one = select(Conditions(labels=torch.tensor([2, -1])))
+    assert torch.equal(one, torch.tensor([[0.0, 0, 1, 0], [0, 0, 0, 0]]))
+    mix = torch.tensor([[0.3, 0.0, 0.7, 0.0], [1.5, -0.5, 0, 0]])  # interpolation, extrapolation
+    assert torch.equal(select(Conditions(labels=torch.tensor([0, 0]), class_vector=mix)), mix)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        select(Conditions(labels=torch.tensor([4])))
+    with pytest.raises(ValueError, match="timestep"):
+        TimeTable(10, 3)(Conditions())
+
+
+def test_merge_unmerge_round_trip():
+    model = nn.Sequential(nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 6))
+    inject_conditioned_lora(model, ["0", "2"], lambda n, m: {"class": ClassSelect(3)}, rank=2, basis_bias=True)
+    for _, layer in model.named_modules():
+        if isinstance(layer, ConditionedLoRA):
+            _randomise(layer)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 6)
+    cond = Conditions(labels=torch.full((4,), 1))
+    with bind_conditions(model, cond):
+        expected = model(x)
+    merge_lora(model, cond)
+    assert torch.allclose(model(x), expected, atol=1e-5)  # merged layers ignore conditions
+    unmerge_lora(model)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, original[k], atol=1e-6), k
+
+
+def test_save_load_round_trip(tmp_path):
+    def build():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5))
+        inject_conditioned_lora(model, ["*"], lambda n, m: {"t": TimeTable(T, 4, trainable=True)}, rank=2)
+        return model
+
+    model = build()
+    for _, layer in model.named_modules():
+        if isinstance(layer, ConditionedLoRA):
+            _randomise(layer)
+            with torch.no_grad():
+                layer.strategies["t"].table.add_(1.0)
+    save_lora(model, tmp_path / "lora", {"rank": 2})
+    fresh = build()
+    assert load_lora(fresh, tmp_path / "lora") == {"rank": 2}
+    for k, v in lora_state_dict(model).items():
+        assert torch.equal(v, lora_state_dict(fresh)[k])
+    assert all(not k.endswith("base_layer.weight") for k in lora_state_dict(model))
+    (tmp_path / "lora" / "adapter_model.safetensors").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="corrupt LoRA files"):
+        load_lora(fresh, tmp_path / "lora")
+
+
+def test_conditions_are_only_bound_during_the_call():
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject_conditioned_lora(model, ["0"], lambda n, m: {"c": ClassSelect(2)})
+    with pytest.raises(RuntimeError, match="without conditions"):
+        model(torch.randn(1, 4))
+    with bind_conditions(model, Conditions(labels=torch.tensor([1]))):
+        model(torch.randn(1, 4))
+    assert model[0].conditions is None
+
+
+def test_injection_errors():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3))
+    with pytest.raises(TypeError, match="1x1"):
+        inject_conditioned_lora(model, ["0"], lambda n, m: {"c": ClassSelect(2)})
+    with pytest.raises(ValueError, match="no module"):
+        inject_conditioned_lora(model, ["*.qkv"], lambda n, m: {"c": ClassSelect(2)})
