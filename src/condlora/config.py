@@ -85,9 +85,33 @@ class ModelConfig:
     attn_levels: tuple[int, ...] = _field((2,), "indices of the levels with self-attention, e.g. 2 or 1,2")
     num_heads: int = _field(4, "attention heads; must divide the width of every attention level")
     dropout: float = _field(0.0, "dropout probability in the residual blocks, in [0, 1)")
+    conditioning: Literal["baseline", "lora_only", "with_lora", "adaln_attn"] = _field(
+        "baseline",
+        "baseline: scale-and-shift in residual blocks only; with_lora: plus LoRA on attention; lora_only: "
+        "attention conditioned by LoRA alone (no scale-and-shift); adaln_attn: attention conditioned by adaLN "
+        "instead (no scale-and-shift)",
+    )
+    lora_rank: int = _field(4, "rank r of every LoRA adapter")
+    lora_targets: tuple[str, ...] = _field(("*.qkv", "*.proj"), "module-name patterns that get conditioned LoRA")
+    time_lora: Literal["none", "compositional", "noncompositional"] = _field(
+        "none", "TimeLoRA: none, compositional (time_bases bases mixed by an omega table) or one adapter per step"
+    )
+    time_bases: int = _field(11, "m + 1 basis adapters of compositional TimeLoRA, at t_i = 1 + i (T - 1) / m")
+    omega: Literal["fixed", "train"] = _field("fixed", "keep the omega table fixed or train it")
+    omega_init: Literal["linear", "onehot", "gaussian"] = _field(
+        "linear", "omega table initialisation (gaussian = N(0, 1), needs omega=train)"
+    )
+    class_lora: Literal["none", "select", "compositional"] = _field(
+        "none", "ClassLoRA: none, one adapter per class (select), or class_bases bases mixed by a trained table"
+    )
+    class_bases: int = _field(10, "bases of compositional ClassLoRA")
+    uc_bases: int = _field(0, "UC-LoRA: m bases mixed by an MLP of the shared embedding; 0 turns it off")
+    uc_widths: tuple[int, ...] = _field((128, 64), "hidden widths of each UC-LoRA MLP")
+    lora_bias: bool = _field(False, "add the zero-initialised per-basis bias of the published UC-LoRA code")
 
     def __post_init__(self) -> None:
         _check_literals(self, "model")
+        self._check_lora()
         _check(self.image_size >= 8, "model", "image_size", "must be >= 8", self.image_size)
         _check(self.in_channels in (1, 3), "model", "in_channels", "must be 1 or 3", self.in_channels)
         _check(self.num_classes >= 0, "model", "num_classes", "must be >= 0", self.num_classes)
@@ -119,6 +143,52 @@ class ModelConfig:
             self.num_heads,
         )
         _check(0 <= self.dropout < 1, "model", "dropout", "must be in [0, 1)", self.dropout)
+
+    def _check_lora(self) -> None:
+        banks = self.time_lora != "none" or self.class_lora != "none" or self.uc_bases > 0
+        mode = self.conditioning
+        _check(
+            banks or mode not in ("with_lora", "lora_only"),
+            "model",
+            "conditioning",
+            "with_lora / lora_only need time_lora, class_lora or uc_bases",
+            mode,
+        )
+        _check(
+            not banks or mode in ("with_lora", "lora_only"),
+            "model",
+            "conditioning",
+            "LoRA banks are set, so conditioning must be with_lora or lora_only",
+            mode,
+        )
+        if mode == "lora_only" and self.uc_bases == 0:
+            _check(self.time_lora != "none", "model", "time_lora", "lora_only needs TimeLoRA or UC-LoRA", "none")
+            _check(
+                self.num_classes == 0 or self.class_lora != "none",
+                "model",
+                "class_lora",
+                "lora_only removes the class embedding: a class-conditional model needs ClassLoRA or UC-LoRA",
+                self.class_lora,
+            )
+        _check(
+            self.class_lora == "none" or self.num_classes > 0,
+            "model",
+            "class_lora",
+            "needs a class-conditional model (num_classes > 0)",
+            self.class_lora,
+        )
+        _check(self.lora_rank >= 1, "model", "lora_rank", "must be >= 1", self.lora_rank)
+        _check(self.time_bases >= 2, "model", "time_bases", "must be >= 2", self.time_bases)
+        _check(self.class_bases >= 1, "model", "class_bases", "must be >= 1", self.class_bases)
+        _check(self.uc_bases >= 0, "model", "uc_bases", "must be >= 0", self.uc_bases)
+        _check(len(self.lora_targets) > 0, "model", "lora_targets", "must name at least one pattern", self.lora_targets)
+        _check(
+            self.omega_init != "gaussian" or self.omega == "train",
+            "model",
+            "omega_init",
+            "gaussian needs omega=train",
+            self.omega_init,
+        )
 
 
 @dataclass
@@ -231,6 +301,13 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            self.model.time_bases <= self.diffusion.num_timesteps,
+            "model",
+            "time_bases",
+            f"must be <= diffusion.num_timesteps = {self.diffusion.num_timesteps}",
+            self.model.time_bases,
+        )
         _check(
             self.sample.steps <= self.diffusion.num_timesteps,
             "sample",

@@ -30,7 +30,7 @@ def load_model(
     """Rebuild the network of a checkpoint (a run directory or one checkpoint directory) in eval mode."""
     ckpt = resolve_checkpoint(checkpoint)
     cfg = RunConfig.from_dict(ckpt.state["config"])
-    net = build_network(cfg.model)
+    net = build_network(cfg.model, cfg.diffusion.num_timesteps)
     net.load_state_dict(ckpt.tensors["ema" if use_ema else "model"])
     return net.to(device).eval(), cfg, ckpt
 

@@ -11,6 +11,7 @@ from condlora.lora.inject import (
     unmerge_lora,
 )
 from condlora.lora.layer import ConditionedLoRA
+from condlora.lora.spec import LoRASpec
 from condlora.lora.strategies import (
     UCMLP,
     ClassSelect,
@@ -27,6 +28,7 @@ __all__ = [
     "ClassSelect",
     "ClassTable",
     "ConditionedLoRA",
+    "LoRASpec",
     "Conditions",
     "TimeTable",
     "basis_timesteps",

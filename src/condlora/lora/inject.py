@@ -78,9 +78,10 @@ def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]
 
 
 @contextmanager
-def bind_conditions(model: nn.Module, cond: Conditions) -> Iterator[None]:
-    """Give `cond` to every conditioned layer of `model` for the enclosed call(s), then take it back."""
-    layers = [layer for _, layer in conditioned_layers(model)]
+def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditions) -> Iterator[None]:
+    """Give `cond` to every conditioned layer of `model` (or to the given layers) for the enclosed call(s),
+    then take it back."""
+    layers = [layer for _, layer in conditioned_layers(model)] if isinstance(model, nn.Module) else list(model)
     previous = [layer.conditions for layer in layers]
     for layer in layers:
         layer.conditions = cond

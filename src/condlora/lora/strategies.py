@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.nets.layers import group_norm
+from condlora.ops import group_norm
 
 OmegaInit = Literal["linear", "onehot", "gaussian"]
 

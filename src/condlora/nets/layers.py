@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condlora.ops import group_norm, zero_module
+
 
 def timestep_embedding(noise_level: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of a (possibly fractional) timestep.
@@ -23,23 +25,6 @@ def timestep_embedding(noise_level: torch.Tensor, dim: int, max_period: float = 
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / half)
     angles = noise_level.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups of at least 4 channels (32 groups for C >= 128, as in DDPM / IDDPM).
-
-    Narrow networks must not fall back to one channel per group: that is instance norm, which erases
-    each channel's mean, the global brightness the denoiser has to predict.
-    """
-    groups = math.gcd(32, max(channels // 4, 1))
-    return nn.GroupNorm(groups, channels)
-
-
-def zero_module(module: nn.Module) -> nn.Module:
-    """Zero every parameter of `module` so a residual branch starts as the identity."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class ResBlock(nn.Module):
@@ -83,20 +68,26 @@ class AttentionBlock(nn.Module):
     Args:
         channels: C.
         num_heads: number of heads; must divide C.
+        ada_dim: width of a condition embedding for adaLN conditioning of the block
+            (GN(x) * (1 + scale) + shift before qkv, zero-initialised); None leaves the block unconditioned.
     """
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, ada_dim: int | None = None):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention: num_heads={num_heads} must divide channels={channels}")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
+        self.ada = zero_module(nn.Linear(ada_dim, 2 * channels)) if ada_dim is not None else None
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_module(nn.Linear(channels, channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.ada is not None:
+            scale, shift = self.ada(F.silu(emb))[:, None, :].chunk(2, dim=2)  # (B, 1, C) each
+            tokens = tokens * (1 + scale) + shift
         q, k, v = self.qkv(tokens).chunk(3, dim=2)  # (B, HW, C) each
         heads = [t.reshape(b, h * w, self.num_heads, c // self.num_heads).transpose(1, 2) for t in (q, k, v)]
         out = F.scaled_dot_product_attention(*heads)  # (B, heads, HW, C/heads)

@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.nets.layers import (
-    AttentionBlock,
-    Downsample,
-    ResBlock,
-    Upsample,
-    group_norm,
-    timestep_embedding,
-)
+from condlora.lora import Conditions, LoRASpec, bind_conditions, conditioned_layers, inject_conditioned_lora
+from condlora.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, timestep_embedding
+from condlora.ops import group_norm
 
 NULL_LABEL = -1  # label value meaning "no class": classifier-free guidance's unconditional branch
+ConditioningMode = Literal["baseline", "lora_only", "with_lora", "adaln_attn"]
 
 
 class NanoUNet(nn.Module):
-    """Residual U-Net with skip connections, scale-and-shift conditioning and self-attention.
+    """Residual U-Net with skip connections and self-attention, conditioned in one of four modes:
 
-    Contract: `net(x, noise_level, labels) -> output` with x (B, C, H, W), noise_level (B,) (the integer DDPM
-    step as a float, in [0, T)), labels (B,) int64 in [0, num_classes) or NULL_LABEL. The network never sees
-    a schedule.
+    - baseline: scale-and-shift of the residual blocks from v = MLP(sinusoidal(t)) + E[y]; attention unconditioned.
+    - with_lora: baseline plus conditioned LoRA on the attention projections.
+    - lora_only: no scale-and-shift (the residual blocks have no `emb_layers`); attention conditioned by LoRA
+      alone. The embedding network is kept only when UC-LoRA reads it.
+    - adaln_attn: no scale-and-shift in the residual blocks; attention conditioned by adaLN (paper sec. 5.5).
+
+    Contract: `net(x, noise_level, labels, class_vector=None) -> eps` with x (B, C, H, W), noise_level (B,) the
+    integer DDPM step as a float in [0, T), labels (B,) int64 in [0, num_classes) or NULL_LABEL, and an
+    optional class_vector (B, num_classes) of real class weights replacing the labels (class interpolation).
+    The network never sees a schedule.
 
     Args:
         in_channels: image channels (1 for MNIST, 3 for CIFAR-10).
@@ -36,6 +41,8 @@ class NanoUNet(nn.Module):
             learned null class.
         dropout: dropout in the residual blocks.
         emb_mult: the condition embedding has `emb_mult * channels` features.
+        conditioning: one of the four modes above.
+        lora: the LoRA recipe for with_lora / lora_only (its embedding_dim is filled in here).
     """
 
     def __init__(
@@ -49,13 +56,28 @@ class NanoUNet(nn.Module):
         num_classes: int = 0,
         dropout: float = 0.0,
         emb_mult: int = 4,
+        conditioning: ConditioningMode = "baseline",
+        lora: LoRASpec | None = None,
     ):
         super().__init__()
-        self.channels = channels
-        self.num_classes = num_classes
+        _check_mode(conditioning, lora)
+        self.channels, self.num_classes, self.conditioning = channels, num_classes, conditioning
         emb_dim = emb_mult * channels
-        self.time_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        keep_embedding = conditioning != "lora_only" or (lora is not None and lora.uc_bases > 0)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            if keep_embedding
+            else None
+        )
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 and keep_embedding else None
+        res_emb = emb_dim if conditioning in ("baseline", "with_lora") else None  # scale-and-shift or not
+        ada_emb = emb_dim if conditioning == "adaln_attn" else None
+
+        def stage(c_in: int, c_out: int, attn: bool) -> nn.ModuleList:
+            blocks: list[nn.Module] = [ResBlock(c_in, c_out, res_emb, dropout)]
+            if attn:
+                blocks.append(AttentionBlock(c_out, num_heads, ada_emb))
+            return nn.ModuleList(blocks)
 
         self.in_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
         widths = [channels * m for m in channel_mult]
@@ -64,22 +86,20 @@ class NanoUNet(nn.Module):
         c = channels
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(self._stage(c, width, emb_dim, dropout, level in attn_levels, num_heads))
+                self.down.append(stage(c, width, level in attn_levels))
                 c = width
                 skip_widths.append(c)
             if level < len(widths) - 1:
                 self.down.append(Downsample(c))
                 skip_widths.append(c)
 
-        self.mid = self._stage(c, c, emb_dim, dropout, True, num_heads)
-        self.mid_res = ResBlock(c, c, emb_dim, dropout)
+        self.mid = stage(c, c, True)
+        self.mid_res = ResBlock(c, c, res_emb, dropout)
 
         self.up = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(
-                    self._stage(c + skip_widths.pop(), width, emb_dim, dropout, level in attn_levels, num_heads)
-                )
+                self.up.append(stage(c + skip_widths.pop(), width, level in attn_levels))
                 c = width
             if level > 0:
                 self.up.append(Upsample(c))
@@ -88,22 +108,26 @@ class NanoUNet(nn.Module):
         self.out_conv = nn.Conv2d(c, in_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
+        self.lora_spec = None
+        if lora is not None and lora.active:
+            self.lora_spec = LoRASpec.from_dict({**lora.to_dict(), "embedding_dim": emb_dim})
+            inject_conditioned_lora(self, self.lora_spec.targets, self.lora_spec.strategies, self.lora_spec.rank,
+                                    self.lora_spec.basis_bias)  # fmt: skip
+        self._lora_layers = [layer for _, layer in conditioned_layers(self)]
 
-    @staticmethod
-    def _stage(c_in: int, c_out: int, emb_dim: int, dropout: float, attn: bool, heads: int) -> nn.ModuleList:
-        blocks = [ResBlock(c_in, c_out, emb_dim, dropout)]
-        if attn:
-            blocks.append(AttentionBlock(c_out, heads))
-        return nn.ModuleList(blocks)
-
-    def embed(self, noise_level: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Condition embedding v = MLP(sinusoidal(t)) + E[label]; (B,) -> (B, emb_dim)."""
+    def embed(
+        self, noise_level: torch.Tensor, labels: torch.Tensor | None, class_vector: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Shared condition embedding v = MLP(sinusoidal(t)) + E[label] (or class_vector @ E), (B, D)."""
+        if self.time_embed is None:
+            return None
         emb = self.time_embed(timestep_embedding(noise_level, self.channels))
         if self.class_embed is not None:
-            if labels is None:
-                labels = torch.full_like(noise_level, NULL_LABEL, dtype=torch.long)
-            labels = torch.where(labels == NULL_LABEL, self.num_classes, labels)  # null class is the last row
-            emb = emb + self.class_embed(labels)
+            if class_vector is not None:
+                emb = emb + class_vector.to(emb.dtype) @ self.class_embed.weight[: self.num_classes]
+            else:
+                labels = torch.where(labels == NULL_LABEL, self.num_classes, labels)  # null class: last row
+                emb = emb + self.class_embed(labels)
         return emb
 
     def forward(
@@ -111,8 +135,16 @@ class NanoUNet(nn.Module):
         x: torch.Tensor,
         noise_level: torch.Tensor,
         labels: torch.Tensor | None = None,
+        class_vector: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(noise_level, labels)  # (B, D)
+        if self.num_classes > 0 and labels is None:
+            labels = torch.full(noise_level.shape, NULL_LABEL, dtype=torch.long, device=x.device)
+        emb = self.embed(noise_level, labels, class_vector)  # (B, D) or None
+        cond = Conditions(timestep=noise_level.round().long(), labels=labels, class_vector=class_vector, embedding=emb)
+        with bind_conditions(self._lora_layers, cond):
+            return self._body(x, emb)
+
+    def _body(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.in_conv(x)
         skips = [h]
         for block in self.down:
@@ -127,8 +159,16 @@ class NanoUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
-def _run_stage(stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def _check_mode(conditioning: str, lora: LoRASpec | None) -> None:
+    uses_lora = lora is not None and lora.active
+    if conditioning in ("with_lora", "lora_only") and not uses_lora:
+        raise ValueError(f"conditioning={conditioning} needs at least one LoRA bank (time, class or UC-LoRA)")
+    if conditioning in ("baseline", "adaln_attn") and uses_lora:
+        raise ValueError(f"conditioning={conditioning} conditions attention without LoRA; turn the LoRA banks off")
+
+
+def _run_stage(stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
     h = stage[0](h, emb)
     for block in stage[1:]:
-        h = block(h)
+        h = block(h, emb)
     return h

@@ -154,7 +154,7 @@ def _check_data(cfg: RunConfig, train_set: ImageDataset) -> None:
 
 def _build_state(cfg: RunConfig, dist: DistContext) -> _State:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    net = build_network(cfg.model).to(dist.device)
+    net = build_network(cfg.model, cfg.diffusion.num_timesteps).to(dist.device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator(dist.device).manual_seed(cfg.train.seed + 7919 * (dist.rank + 1))
     return _State(net=net, ema=EMA(net, cfg.train.ema_decay), opt=opt, generator=generator)

@@ -1,0 +1,24 @@
+"""Small helpers shared by the backbones and the LoRA strategies (kept free of package imports)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels (32 groups for C >= 128, as in DDPM / IDDPM).
+
+    Narrow networks must not fall back to one channel per group: that is instance norm, which erases
+    each channel's mean, the global brightness the denoiser has to predict.
+    """
+    groups = math.gcd(32, max(channels // 4, 1))
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
