@@ -46,7 +46,7 @@ def test_every_mode_runs_and_is_differentiable(mode):
     assert out.shape == x.shape
     out.square().mean().backward()
     lora = [layer for _, layer in conditioned_layers(net)]
-    assert len(lora) == (0 if mode in ("baseline", "adaln_attn") else 8)  # qkv + proj of 4 attention blocks (1 down, mid, 2 up)
+    assert len(lora) == (0 if mode in ("baseline", "adaln_attn") else 8)  # qkv, proj of 4 attention blocks
 
 
 def _baseline_weights_into(net, baseline):

@@ -140,6 +140,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("  " + "  ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
 
 
+def cmd_plots(args: argparse.Namespace) -> None:
+    from condlora.pipeline import load_model, lora_figures, with_sample_overrides
+
+    net, cfg, ckpt = load_model(args.checkpoint, use_ema=not args.no_ema)
+    cfg.sample = with_sample_overrides(cfg, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale)
+    out = Path(args.out) if args.out else ckpt.path.parent.parent / "figures"
+    classes = None if args.no_classes else tuple(args.classes)
+    paths = lora_figures(net, cfg, out, classes=classes, reference_t=args.reference_t)
+    if not paths:
+        raise ValueError("nothing to plot: the model has no time-dependent LoRA bank and no classes")
+    print("\n".join(f"  {p}" for p in paths))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="a samples .npz written by `condlora sample` or `condlora train`")
     p.add_argument("--cache-dir", help="where the trained reference classifier is cached")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plots", help="omega heat maps, omega cosine similarity, class interpolation grids")
+    p.add_argument("checkpoint", help="a run directory or one checkpoint directory")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/figures)")
+    p.add_argument("--classes", type=int, nargs=2, default=[1, 7], metavar=("I", "J"), help="classes of the grids")
+    p.add_argument("--no-classes", action="store_true", help="skip the class interpolation / extrapolation grids")
+    p.add_argument("--reference-t", type=int, help="step whose omega the similarity plot compares to (T/2)")
+    p.add_argument("--steps", type=int, help="DDIM steps of the class grids")
+    p.add_argument("--seed", type=int, help="seed of the first grid row")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance of the class grids")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.set_defaults(func=cmd_plots)
 
     p = sub.add_parser("info", help="print the architecture of a preset + overrides and its parameter count")
     _add_config_options(p)

@@ -91,3 +91,70 @@ def digit_class_accuracy(
     per_class = per_class_accuracy(net, images, labels)
     overall = float(np.mean([per_class[int(c)] for c in labels]))
     return overall, per_class
+
+
+def class_path_grids(
+    net: nn.Module,
+    cfg: RunConfig,
+    first: int,
+    second: int,
+    out_dir: Path,
+    columns: int = 9,
+    rows: int = 4,
+    device: str | torch.device = "cpu",
+) -> list[Path]:
+    """Interpolation (alpha c_first + (1 - alpha) c_second) and extrapolation (beta c_first, beta in [-1, 1])
+    grids: each row keeps one seed across its columns, so only the class input changes along a row."""
+    from condlora.diffusion import PerSampleNoise, ddim_sample
+    from condlora.diffusion.guidance import class_vector_guidance
+    from condlora.eval.plots import class_path_vectors
+
+    m, s = cfg.model, cfg.sample
+    for name, c in (("first", first), ("second", second)):
+        if not 0 <= c < m.num_classes:
+            raise ValueError(f"class {name}={c} out of range: the model has {m.num_classes} classes")
+    paths = []
+    for kind, vectors in class_path_vectors(m.num_classes, first, second, columns).items():
+        images = []
+        for row in range(rows):
+            noise = PerSampleNoise([s.seed + row] * columns, device)
+            eps = class_vector_guidance(net, vectors.to(device), s.guidance_scale)
+            x = ddim_sample(eps, schedule_for(cfg), noise, (m.in_channels, m.image_size, m.image_size), s.steps)
+            images.append(unscale(x.clamp(-1, 1)))
+        grid = np.concatenate(images)
+        paths.append(save_grid(grid, out_dir / f"class-{kind}-{first}-{second}.png", nrow=columns))
+    return paths
+
+
+def lora_figures(
+    net: nn.Module,
+    cfg: RunConfig,
+    out_dir: Path,
+    classes: tuple[int, int] | None = (1, 7),
+    reference_t: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Path]:
+    """All figures that apply to a model: omega heat maps and cosine similarities for every layer with a
+    time-dependent bank, their similarity to omega(reference_t), and class interpolation / extrapolation grids."""
+    from condlora.eval.plots import (
+        omega_over_time,
+        plot_omega_cosine,
+        plot_omega_table,
+        plot_similarity_to_reference,
+        time_layers,
+    )
+
+    T = cfg.diffusion.num_timesteps
+    paths, per_layer = [], {}
+    for name, layer in time_layers(net):
+        omegas = omega_over_time(net.cpu(), layer, T)
+        per_layer[name] = omegas
+        if "time" in layer.strategies:
+            paths.append(plot_omega_table(omegas, out_dir / f"omega-{name}.png", title=name))
+        paths.append(plot_omega_cosine(omegas, out_dir / f"omega-cosine-{name}.png", title=name))
+    if per_layer:
+        ref = T // 2 if reference_t is None else reference_t
+        paths.append(plot_similarity_to_reference(per_layer, ref, out_dir / f"omega-similarity-t{ref}.png"))
+    if classes is not None and cfg.model.num_classes > 1:
+        paths += class_path_grids(net.to(device), cfg, classes[0], classes[1], out_dir, device=device)
+    return paths

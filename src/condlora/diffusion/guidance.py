@@ -41,3 +41,27 @@ def classifier_free_guidance(
         return uncond.lerp(cond, guidance_scale)
 
     return eps
+
+
+def class_vector_guidance(
+    net: Callable[..., torch.Tensor],
+    class_vector: torch.Tensor,
+    guidance_scale: float,
+) -> EpsFn:
+    """Classifier-free guidance towards a real-valued class vector (interpolation / extrapolation, paper
+    sec. 5.6): eps^w = eps(x, t, null) + w * (eps(x, t, class_vector) - eps(x, t, null)).
+
+    Args:
+        net: a network accepting `class_vector` (B, C) in place of labels.
+        class_vector: (B, C) weights over classes, any real values.
+        guidance_scale: w.
+    """
+    null = torch.full((class_vector.shape[0],), NULL_LABEL, dtype=torch.long, device=class_vector.device)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = net(x, t, null, class_vector=class_vector)
+        if guidance_scale == 1.0:
+            return cond
+        return net(x, t, null).lerp(cond, guidance_scale)
+
+    return eps
