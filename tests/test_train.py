@@ -161,3 +161,12 @@ def test_metrics_csv_columns(tiny_config):
     rows = list(csv.DictReader(open(Path(cfg.train.out_dir) / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
     assert all(math.isfinite(float(r["loss"])) and float(r["steps_per_sec"]) > 0 for r in rows)
+
+
+def test_dataloader_workers_do_not_change_the_result(tiny_config, tmp_path):
+    runs = {}
+    for workers in (0, 2):
+        cfg = tiny_config(train={"steps": 4, "out_dir": str(tmp_path / f"w{workers}")}, data={"num_workers": workers})
+        runs[workers] = train(cfg, tmp_path / f"w{workers}").net.state_dict()
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[2][key]), key

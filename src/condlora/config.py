@@ -234,7 +234,7 @@ class TrainConfig:
     warmup_steps: int = _field(100, "linear learning-rate warm-up steps")
     lr_decay: Literal["constant", "cosine"] = _field("cosine", "learning-rate schedule after warm-up")
     grad_clip: float = _field(1.0, "clip the global gradient norm to this value; 0 disables")
-    ema_decay: float = _field(0.999, "EMA decay of the weights (warmed up as min(decay, (1+n)/(10+n)))")
+    ema_decay: float = _field(0.995, "EMA decay of the weights (warmed up as min(decay, (1+n)/(10+n)))")
     seed: int = _field(0, "seed of initialisation, data order, timesteps and noise")
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "device; auto picks cuda when available")
     log_every: int = _field(50, "steps between rows of metrics.csv")
@@ -261,7 +261,7 @@ class TrainConfig:
 class SampleConfig:
     """How images are drawn from a trained model."""
 
-    sampler: Literal["ddpm", "ddim"] = _field("ddim", "ancestral DDPM or DDIM")
+    sampler: Literal["ddpm", "ddim"] = _field("ddpm", "ancestral DDPM (respaced to `steps`) or DDIM")
     steps: int = _field(100, "network evaluations per sample (<= diffusion.num_timesteps)")
     eta: float = _field(0.0, "DDIM stochasticity in [0, 1]; 0 is deterministic, 1 is ancestral")
     guidance_scale: float = _field(2.0, "classifier-free guidance scale w: 1 conditional, 0 unconditional")

@@ -216,21 +216,29 @@ def _preview(state: _State, cfg: RunConfig, schedule: NoiseSchedule, path: Path,
 
 
 class _MetricsLog:
-    """Appends rows to metrics.csv (rank 0 only); averages the loss over each logging window."""
+    """Appends a row to metrics.csv (rank 0 only) every `every` steps, averaging the loss over the window."""
 
     FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_sec", "elapsed_s")
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, every: int, last_step: int):
+        self.path, self.enabled, self.every, self.last_step = path, enabled, every, last_step
         self.losses: list[float] = []
+        self.start = self.window_start = time.perf_counter()
         if enabled and not path.exists():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
 
-    def write(self, row: dict[str, float]) -> None:
+    def record(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        self.losses.append(loss)
+        if step % self.every and step != self.last_step:
+            return
+        now = time.perf_counter()
+        row = (step, sum(self.losses) / len(self.losses), lr, grad_norm,
+               len(self.losses) / max(now - self.window_start, 1e-9), now - self.start)  # fmt: skip
         if self.enabled:
             with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in self.FIELDS])
+                csv.writer(f).writerow(row)
+        self.losses, self.window_start = [], now
 
 
 def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int) -> DataLoader:
@@ -292,28 +300,20 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, preset: str = "")
 def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainResult:
     t_cfg = cfg.train
     loss_fn = EpsilonLoss(schedule)
-    log = _MetricsLog(out_dir / "metrics.csv", dist.is_main)
-    last_ckpt = None
+    log = _MetricsLog(out_dir / "metrics.csv", dist.is_main, t_cfg.log_every, t_cfg.steps)
+    last_ckpt, saved_step = None, None
     if dist.is_main and state.step == 0:
         print(f"training {cfg.model.backbone} ({count_parameters(state.net):,} parameters) for {t_cfg.steps} steps")
     bar = tqdm(total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step")
-    start_time = window_start = time.perf_counter()
     loss = torch.tensor(float("nan"))
-    for indices_batch in _loader(cfg, train_set, dist, state.step):
-        x0, labels = (t.to(dist.device, non_blocking=True) for t in indices_batch)
+    for x0, labels in _loader(cfg, train_set, dist, state.step):
+        x0, labels = x0.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
+        lr = lr_at(state.step, t_cfg)
         for group in state.opt.param_groups:
-            group["lr"] = lr_at(state.step, t_cfg)
+            group["lr"] = lr
         try:
-            loss, grad_norm = train_step(
-                model,
-                state.opt,
-                loss_fn,
-                x0,
-                labels if cfg.model.num_classes else None,
-                state.generator,
-                cfg,
-                dist,
-            )
+            cond = labels if cfg.model.num_classes else None
+            loss, grad_norm = train_step(model, state.opt, loss_fn, x0, cond, state.generator, cfg, dist)
         except TrainingDiverged as err:
             bar.close()
             kept = last_ckpt or (out_dir / "checkpoints")
@@ -322,31 +322,17 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
             ) from None
         state.ema.update(state.net, state.step)
         state.step += 1
-        log.losses.append(loss.item())
+        log.record(state.step, loss.item(), lr, grad_norm.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if state.step % t_cfg.log_every == 0 or state.step == t_cfg.steps:
-            now = time.perf_counter()
-            rate = len(log.losses) / max(now - window_start, 1e-9)
-            log.write(
-                dict(
-                    step=state.step,
-                    loss=sum(log.losses) / len(log.losses),
-                    lr=state.opt.param_groups[0]["lr"],
-                    grad_norm=grad_norm.item(),
-                    steps_per_sec=rate,
-                    elapsed_s=now - start_time,
-                )
-            )
-            log.losses, window_start = [], now
         if dist.is_main and t_cfg.sample_every and state.step % t_cfg.sample_every == 0:
             _preview(state, cfg, schedule, out_dir / "samples" / f"step-{state.step:09d}.png", dist)
         if state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0):
-            last_ckpt = _save(state, cfg, out_dir, dist)
+            last_ckpt, saved_step = _save(state, cfg, out_dir, dist), state.step
     bar.close()
-    if last_ckpt is None and dist.is_main and state.step > 0:
-        last_ckpt = _save(state, cfg, out_dir, dist)  # resumed at the final step: make sure it is on disk
-    elapsed = time.perf_counter() - start_time
+    if saved_step != state.step and state.step > 0:  # e.g. resumed at the final step: make sure it is on disk
+        last_ckpt = _save(state, cfg, out_dir, dist)
+    elapsed = time.perf_counter() - log.start
     return TrainResult(out_dir, last_ckpt, state.step, elapsed, float(loss.item()), state.net, state.ema.shadow)
 
 
