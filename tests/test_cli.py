@@ -32,11 +32,10 @@ def test_info_ends_with_the_parameter_count(capsys):
 
 
 def test_info_applies_overrides(capsys):
-    assert main(["info", "--model.channels", "32", "--model.num_classes", "0"]) == 0
+    assert main(["info", "--preset", "mnist-nano-baseline", "--model.channels", "32", "--model.num_classes", "0"]) == 0
     out = capsys.readouterr().out
-    expected = count_parameters(
-        build_network(build_config("mnist-nano", {"model": {"channels": 32, "num_classes": 0}}).model)
-    )
+    cfg = build_config("mnist-nano-baseline", {"model": {"channels": 32, "num_classes": 0}})
+    expected = count_parameters(build_network(cfg.model))
     assert out.strip().endswith(f"parameters: {expected}") and "unconditional" in out
 
 
@@ -48,6 +47,9 @@ def test_info_applies_overrides(capsys):
         (["--model.channel_mult", "1,x"], "model.channel_mult: expected"),
         (["--data.hflip", "maybe"], "data.hflip: expected bool"),
         (["--sample.steps", "5000"], "sample.steps: must be <= diffusion.num_timesteps"),
+        (["--model.num_classes", "0"], "model.class_lora: needs a class-conditional model"),
+        (["--model.conditioning", "baseline"], "LoRA banks are set, so conditioning must be with_lora or lora_only"),
+        (["--model.time_bases", "1"], "model.time_bases: must be >= 2"),
     ],
 )
 def test_bad_override_names_the_field(capsys, argv, message):
