@@ -6,12 +6,11 @@ import torch
 from PIL import Image
 
 from condlora.cli import main
-from condlora.diffusion import PerSampleNoise, classifier_free_guidance, ddim_sample
+from condlora.diffusion import PerSampleNoise, classifier_free_guidance, ddim_sample, schedule_for
 from condlora.diffusion.guidance import class_vector_guidance
 from condlora.eval.plots import binned_omega, class_path_vectors, cosine_matrix
 from condlora.lora import linear_interpolation_table
 from condlora.nets import build_network
-from condlora.pipeline import schedule_for
 from condlora.presets import build_config
 
 TINY = [

@@ -11,17 +11,11 @@ from torch import nn
 
 from condlora.config import RunConfig, SampleConfig
 from condlora.data import unscale
-from condlora.diffusion import NoiseSchedule
+from condlora.diffusion import schedule_for
 from condlora.diffusion.generate import generate
 from condlora.eval.images import save_grid, save_samples_npz
 from condlora.nets import build_network
 from condlora.train.checkpoint import Checkpoint, resolve_checkpoint
-
-
-def schedule_for(cfg: RunConfig) -> NoiseSchedule:
-    """The noise schedule a run trains and samples with."""
-    d = cfg.diffusion
-    return NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
 def load_model(

@@ -3,7 +3,7 @@
 from condlora.diffusion.guidance import classifier_free_guidance, conditioned
 from condlora.diffusion.losses import EpsilonLoss, UniformTimestepSampler
 from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample, respaced_timesteps
-from condlora.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
+from condlora.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, schedule_for
 
 __all__ = [
     "EpsilonLoss",
@@ -17,4 +17,5 @@ __all__ = [
     "ddpm_sample",
     "linear_betas",
     "respaced_timesteps",
+    "schedule_for",
 ]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from condlora.config import RunConfig
 
 ScheduleName = Literal["linear", "cosine"]
 
@@ -95,6 +98,12 @@ class NoiseSchedule:
         """
         ab = _gather(self.alphas_cumprod, t, x0)
         return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
+
+
+def schedule_for(cfg: RunConfig) -> NoiseSchedule:
+    """The noise schedule a run's `diffusion` section describes (used for training and sampling alike)."""
+    d = cfg.diffusion
+    return NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

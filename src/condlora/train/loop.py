@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from condlora.config import RunConfig
 from condlora.data import DataError, ImageDataset, build_datasets, random_hflip, unscale
-from condlora.diffusion import EpsilonLoss, NoiseSchedule
+from condlora.diffusion import EpsilonLoss, NoiseSchedule, schedule_for
 from condlora.diffusion.generate import generate
 from condlora.eval.images import save_grid
 from condlora.nets import NULL_LABEL, build_network, count_parameters
@@ -281,9 +281,7 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, preset: str = "")
         cfg.data.dataset, cfg.data.holdout_fraction, cfg.data.split_seed, cfg.data.image_size or None
     )
     _check_data(cfg, train_set)
-    schedule = NoiseSchedule.create(
-        cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end
-    )
+    schedule = schedule_for(cfg)
     state = _build_state(cfg, dist)
     ckpt_root = out_dir / "checkpoints"
     if resume:
