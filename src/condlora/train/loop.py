@@ -321,8 +321,8 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
         state.ema.update(state.net, state.step)
         state.step += 1
         log.record(state.step, loss.item(), lr, grad_norm.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
         if dist.is_main and t_cfg.sample_every and state.step % t_cfg.sample_every == 0:
             _preview(state, cfg, schedule, out_dir / "samples" / f"step-{state.step:09d}.png", dist)
         if state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0):
