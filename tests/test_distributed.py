@@ -36,6 +36,8 @@ def test_two_process_ddp_run(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000000003", "step-000000006"]
     ckpt = load_latest(tmp_path / "run" / "checkpoints")
     assert ckpt.state["world_size"] == 2
+    rng = ckpt.state["rng"]  # each rank's own generator state, so a resume restores every rank's noise
+    assert len(rng) == 2 and rng[0]["generator"] != rng[1]["generator"]
     for key, value in ckpt.tensors["model"].items():
         assert torch.equal(value, rank0[key])
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))

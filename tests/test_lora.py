@@ -227,3 +227,34 @@ def test_injection_errors():
         inject_conditioned_lora(model, ["0"], lambda n, m: {"c": ClassSelect(2)})
     with pytest.raises(ValueError, match="no module"):
         inject_conditioned_lora(model, ["*.qkv"], lambda n, m: {"c": ClassSelect(2)})
+
+
+def test_layer_rejects_padded_or_strided_convolutions():
+    for base in (nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 1, stride=2), nn.Conv1d(4, 4, 3)):
+        with pytest.raises(TypeError, match="1x1, stride-1, unpadded"):
+            ConditionedLoRA(base, {"c": ClassSelect(2)})
+
+
+def test_merged_layer_refuses_other_conditions_and_failed_merge_changes_nothing():
+    layer = ConditionedLoRA(nn.Linear(4, 4), {"c": ClassSelect(3)}, rank=2)
+    _randomise(layer)
+    layer.merge(Conditions(labels=torch.tensor([1, 1])))
+    layer.conditions = Conditions(labels=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="merged for one condition"):
+        layer(torch.randn(2, 4))
+    layer.conditions = None
+    layer.unmerge()
+    no_bias = ConditionedLoRA(nn.Linear(4, 4, bias=False), {"c": ClassSelect(3)}, rank=2, basis_bias=True)
+    _randomise(no_bias)
+    before = no_bias.base_layer.weight.clone()
+    with pytest.raises(RuntimeError, match="without bias"):
+        no_bias.merge(Conditions(labels=torch.tensor([0])))
+    assert torch.equal(no_bias.base_layer.weight, before) and not no_bias.merged
+
+
+def test_injection_follows_the_base_dtype():
+    model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
+    inject_conditioned_lora(model, ["0"], lambda n, m: {"t": TimeTable(T, 3)})
+    assert model[0].lora_down.dtype == torch.bfloat16
+    with bind_conditions(model, Conditions(timestep=torch.tensor([3, 40]))):
+        assert model(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

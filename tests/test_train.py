@@ -56,7 +56,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     state = json.loads((result.checkpoint / "state.json").read_text())
-    assert state["step"] == 12 and "generator" in state["rng"]
+    assert state["step"] == 12 and "generator" in state["rng"][0]
 
 
 def test_checkpoints_are_pruned_and_verified(tiny_config):
@@ -170,3 +170,21 @@ def test_dataloader_workers_do_not_change_the_result(tiny_config, tmp_path):
         runs[workers] = train(cfg, tmp_path / f"w{workers}").net.state_dict()
     for key, value in runs[0].items():
         assert torch.equal(value, runs[2][key]), key
+
+
+def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    original = EpsilonLoss.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        # sqrt(0 * loss) adds 0 to the value, but its gradient is inf * 0 = nan
+        return loss + torch.sqrt(0 * loss) if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(EpsilonLoss, "__call__", poisoned)
+    with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 6"):
+        train(cfg, Path(cfg.train.out_dir))
+    ckpt = load_latest(Path(cfg.train.out_dir) / "checkpoints")
+    assert ckpt.step == 4 and all(torch.isfinite(v).all() for v in ckpt.tensors["model"].values())

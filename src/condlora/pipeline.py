@@ -139,6 +139,8 @@ def lora_figures(
     )
 
     T = cfg.diffusion.num_timesteps
+    if reference_t is not None and not 0 <= reference_t < T:
+        raise ValueError(f"reference_t must be in [0, {T - 1}], got {reference_t}")
     paths, per_layer = [], {}
     for name, layer in time_layers(net):
         omegas = omega_over_time(net.cpu(), layer, T)

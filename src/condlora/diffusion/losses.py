@@ -52,5 +52,5 @@ class EpsilonLoss:
         t = self.timestep_sampler.sample(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
-        eps = net(x_t, t.to(x0.dtype), labels)
+        eps = net(x_t, t.float(), labels)  # float32: half precision cannot hold every step index
         return (eps - noise).pow(2).flatten(1).mean(dim=1)

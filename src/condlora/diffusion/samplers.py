@@ -48,7 +48,7 @@ def _predict_x0(
     eps_fn: EpsFn, x: torch.Tensor, t: int, ab: float, clip_denoised: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x0_hat, eps_hat); when clipping x0 to [-1, 1], eps is recomputed to stay consistent."""
-    t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+    t_batch = torch.full((x.shape[0],), float(t), device=x.device)  # float32 step index
     eps = eps_fn(x, t_batch)
     x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5  # invert q(x_t | x_0) (Ho et al. eq. 4)
     if clip_denoised:

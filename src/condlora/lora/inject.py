@@ -66,7 +66,7 @@ def inject_conditioned_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = ConditionedLoRA(module, strategies(name, module), rank=rank, basis_bias=basis_bias)
-        setattr(parent, child, layer.to(device=module.weight.device))
+        setattr(parent, child, layer.to(device=module.weight.device, dtype=module.weight.dtype))
     return [name for name, _ in found]
 
 

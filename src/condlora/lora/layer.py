@@ -22,8 +22,9 @@ def _layer_shape(base: nn.Module) -> tuple[int, int, int]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, -1
     if isinstance(base, (nn.Conv1d, nn.Conv2d)):
-        if any(k != 1 for k in base.kernel_size) or base.groups != 1 or any(s != 1 for s in base.stride):
-            raise TypeError(f"conditioned LoRA needs a 1x1, stride-1, ungrouped convolution, got {base}")
+        padded = base.padding not in ("valid", "same") and any(p != 0 for p in base.padding)
+        if any(k != 1 for k in base.kernel_size) or base.groups != 1 or any(s != 1 for s in base.stride) or padded:
+            raise TypeError(f"conditioned LoRA needs a 1x1, stride-1, unpadded, ungrouped convolution, got {base}")
         return base.in_channels, base.out_channels, 1
     raise TypeError(f"conditioned LoRA wraps nn.Linear, 1x1 nn.Conv1d or 1x1 nn.Conv2d, got {type(base).__name__}")
 
@@ -76,6 +77,8 @@ class ConditionedLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            if self.conditions is not None and not bool((self.omega(self.conditions) == self._merged_omega).all()):
+                raise ValueError("this layer is merged for one condition but was called with others; unmerge() first")
             return self.base_layer(x)
         if self.conditions is None:
             raise RuntimeError("conditioned LoRA called without conditions; wrap the call in bind_conditions()")
@@ -125,6 +128,8 @@ class ConditionedLoRA(nn.Module):
         """Fold the delta for one shared condition into the base weight (e.g. a fixed class for deployment)."""
         if self.merged:
             raise RuntimeError("layer is already merged; unmerge() first")
+        if self.basis_bias is not None and self.base_layer.bias is None:
+            raise RuntimeError("cannot merge a per-basis bias into a base layer without bias")
         omega = self.omega(cond)
         if not bool((omega == omega[:1]).all()):
             raise ValueError("merge() needs one condition shared by the whole batch")
@@ -144,7 +149,4 @@ class ConditionedLoRA(nn.Module):
         w = self.base_layer.weight
         w.add_(sign * self.delta_weight(omega).reshape(w.shape))
         if self.basis_bias is not None:
-            extra = sign * (omega.repeat_interleave(self.rank) @ self.basis_bias)
-            if self.base_layer.bias is None:
-                raise RuntimeError("cannot merge a per-basis bias into a base layer without bias")
-            self.base_layer.bias.add_(extra)
+            self.base_layer.bias.add_(sign * (omega.repeat_interleave(self.rank) @ self.basis_bias))

@@ -26,6 +26,7 @@ from condlora.train.checkpoint import (
     CheckpointError,
     decode_bytes,
     encode_bytes,
+    load_checkpoint,
     load_latest,
     optimizer_from_checkpoint,
     optimizer_to_checkpoint,
@@ -95,7 +96,7 @@ def train_step(
     dist: DistContext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (loss averaged over ranks, gradient norm). Nothing is applied if the
-    loss is not finite, and TrainingDiverged is raised instead."""
+    loss or the gradient norm is not finite, and TrainingDiverged is raised instead."""
     if cfg.data.hflip:
         x0 = random_hflip(x0, generator)
     if labels is not None and cfg.diffusion.label_dropout > 0:
@@ -109,6 +110,8 @@ def train_step(
     loss.backward()
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(grad_norm):  # gradients are already averaged over ranks: all ranks agree
+        raise TrainingDiverged(f"gradient norm became {grad_norm.item()}")
     opt.step()
     return mean_loss, grad_norm
 
@@ -133,6 +136,7 @@ class _State:
     opt: torch.optim.Optimizer
     generator: torch.Generator
     step: int = 0
+    checkpoint: Path | None = None  # the checkpoint the state was restored from
 
 
 def _check_data(cfg: RunConfig, train_set: ImageDataset) -> None:
@@ -160,25 +164,43 @@ def _build_state(cfg: RunConfig, dist: DistContext) -> _State:
     return _State(net=net, ema=EMA(net, cfg.train.ema_decay), opt=opt, generator=generator)
 
 
-def _checkpoint_payload(state: _State, cfg: RunConfig, dist: DistContext):
+def _rng_states(state: _State, dist: DistContext) -> list[dict[str, str]]:
+    """Every rank's RNG states, gathered so that rank 0 can save them all (each rank draws its own noise)."""
+    own = {"generator": encode_bytes(state.generator.get_state()), "torch": encode_bytes(torch.get_rng_state())}
+    if dist.device.type == "cuda":
+        own["cuda"] = encode_bytes(torch.cuda.get_rng_state(dist.device))
+    return dist.gather_all(own)
+
+
+def _checkpoint_payload(state: _State, cfg: RunConfig, dist: DistContext, rng: list[dict[str, str]]):
     opt_tensors, opt_meta = optimizer_to_checkpoint(state.opt)
     tensors = {
         "model": state.net.state_dict(),
         "ema": state.ema.shadow.state_dict(),
         "optimizer": opt_tensors,
     }
-    rng = {
-        "generator": encode_bytes(state.generator.get_state()),
-        "torch": encode_bytes(torch.get_rng_state()),
-    }
-    if dist.device.type == "cuda":
-        rng["cuda"] = encode_bytes(torch.cuda.get_rng_state(dist.device))
     return tensors, {
         "config": cfg.to_dict(),
-        "rng": rng,
+        "rng": rng,  # one entry per rank
         "optimizer": opt_meta,
         "world_size": dist.world_size,
     }
+
+
+def _resume_checkpoint(root: Path, dist: DistContext) -> Checkpoint | None:
+    """Rank 0 picks the newest checkpoint that verifies; every other rank loads that same one."""
+    found, error = None, None
+    if dist.is_main:
+        try:
+            found = load_latest(root)
+        except CheckpointError as err:
+            error = str(err)
+    path, error = dist.broadcast((str(found.path) if found else None, error))
+    if error is not None:
+        raise CheckpointError(error)
+    if dist.is_main or path is None:
+        return found
+    return load_checkpoint(Path(path))
 
 
 def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
@@ -192,11 +214,12 @@ def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext)
     state.net.load_state_dict(ckpt.tensors["model"])
     state.ema.shadow.load_state_dict(ckpt.tensors["ema"])
     optimizer_from_checkpoint(state.opt, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
-    state.generator.set_state(decode_bytes(ckpt.state["rng"]["generator"]))
-    torch.set_rng_state(decode_bytes(ckpt.state["rng"]["torch"]))
-    if "cuda" in ckpt.state["rng"] and dist.device.type == "cuda":
-        torch.cuda.set_rng_state(decode_bytes(ckpt.state["rng"]["cuda"]), dist.device)
-    state.step = ckpt.step
+    rng = ckpt.state["rng"][dist.rank]
+    state.generator.set_state(decode_bytes(rng["generator"]))
+    torch.set_rng_state(decode_bytes(rng["torch"]))
+    if "cuda" in rng and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(decode_bytes(rng["cuda"]), dist.device)
+    state.step, state.checkpoint = ckpt.step, ckpt.path
 
 
 def _preview(state: _State, cfg: RunConfig, schedule: NoiseSchedule, path: Path, dist: DistContext) -> None:
@@ -285,7 +308,7 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, preset: str = "")
     state = _build_state(cfg, dist)
     ckpt_root = out_dir / "checkpoints"
     if resume:
-        ckpt = load_latest(ckpt_root)
+        ckpt = _resume_checkpoint(ckpt_root, dist)
         if ckpt is not None:
             _restore(state, ckpt, cfg, dist)
             if dist.is_main:
@@ -299,7 +322,7 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
     t_cfg = cfg.train
     loss_fn = EpsilonLoss(schedule)
     log = _MetricsLog(out_dir / "metrics.csv", dist.is_main, t_cfg.log_every, t_cfg.steps)
-    last_ckpt, saved_step = None, None
+    last_ckpt, saved_step = state.checkpoint, (state.step if state.checkpoint else None)
     if dist.is_main and state.step == 0:
         print(f"training {cfg.model.backbone} ({count_parameters(state.net):,} parameters) for {t_cfg.steps} steps")
     bar = tqdm(total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step")
@@ -328,7 +351,7 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
         if state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0):
             last_ckpt, saved_step = _save(state, cfg, out_dir, dist), state.step
     bar.close()
-    if saved_step != state.step and state.step > 0:  # e.g. resumed at the final step: make sure it is on disk
+    if saved_step != state.step and state.step > 0:  # make sure the final state is on disk
         last_ckpt = _save(state, cfg, out_dir, dist)
     elapsed = time.perf_counter() - log.start
     return TrainResult(out_dir, last_ckpt, state.step, elapsed, float(loss.item()), state.net, state.ema.shadow)
@@ -336,8 +359,9 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
 
 def _save(state: _State, cfg: RunConfig, out_dir: Path, dist: DistContext) -> Path | None:
     path = None
+    rng = _rng_states(state, dist)  # a collective: every rank takes part
     if dist.is_main:
-        tensors, meta = _checkpoint_payload(state, cfg, dist)
+        tensors, meta = _checkpoint_payload(state, cfg, dist, rng)
         path = save_checkpoint(out_dir / "checkpoints", state.step, tensors, meta, cfg.train.keep_checkpoints)
     dist.barrier()
     return path
