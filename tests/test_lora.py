@@ -206,6 +206,9 @@ def test_save_load_round_trip(tmp_path):
     for k, v in lora_state_dict(model).items():
         assert torch.equal(v, lora_state_dict(fresh)[k])
     assert all(not k.endswith("base_layer.weight") for k in lora_state_dict(model))
+    (tmp_path / "lora" / "adapter_config.json").write_text('{"rank": 8}')
+    with pytest.raises(ValueError, match="does not match the config stored"):
+        load_lora(fresh, tmp_path / "lora")
     (tmp_path / "lora" / "adapter_model.safetensors").write_bytes(b"broken")
     with pytest.raises(ValueError, match="corrupt LoRA files"):
         load_lora(fresh, tmp_path / "lora")

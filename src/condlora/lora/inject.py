@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,17 +104,21 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
-    """Write adapter_model.safetensors and adapter_config.json (the injection recipe) atomically."""
+    """Write adapter_model.safetensors and adapter_config.json (the injection recipe), each atomically.
+
+    The config is also stored in the safetensors header, so `load_lora` notices a weights file and a config
+    file that do not belong together (e.g. after a crash between the two writes).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    for name, data in ((ADAPTER_WEIGHTS, None), (ADAPTER_CONFIG, config)):
-        tmp = directory / f".{name}.tmp-{os.getpid()}"
-        if data is None:
-            save_file(tensors, str(tmp))
-        else:
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, directory / name)
+    tmp = directory / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"adapter_config": text})
+    os.replace(tmp, directory / ADAPTER_WEIGHTS)
+    tmp = directory / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, directory / ADAPTER_CONFIG)
     return directory
 
 
@@ -125,10 +130,14 @@ def load_lora(model: nn.Module, directory: str | Path) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"LoRA file missing: {path}")
     try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = (f.metadata() or {}).get("adapter_config")
         tensors = load_file(str(weights))
         meta = json.loads(config.read_text())
     except Exception as err:  # safetensors raises its own error type; JSON its own
         raise ValueError(f"corrupt LoRA files in {directory}: {err}") from None
+    if header is not None and json.loads(header) != meta:
+        raise ValueError(f"{config} does not match the config stored with {weights}; they come from different saves")
     expected = lora_state_dict(model)
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
