@@ -60,17 +60,12 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     """The saved config of a run directory with command-line overrides (e.g. more steps) on top."""
     import json
 
-    from condlora.config import make_section
-
     path = Path(args.resume) / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
     saved = json.loads(path.read_text())
     preset = saved.pop("preset", "")
-    for section, values in _overrides(args).items():
-        saved.setdefault(section, {}).update(values)
-    sections = {name: make_section(name, saved.get(name, {})) for name in SECTIONS}
-    return RunConfig(**sections), preset
+    return RunConfig.from_dict(saved, _overrides(args)), preset
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -328,12 +328,18 @@ class RunConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     @classmethod
-    def from_dict(cls, data: dict[str, dict[str, Any]]) -> RunConfig:
-        """Inverse of `to_dict`; unknown sections or fields raise ConfigError."""
-        unknown = set(data) - set(SECTIONS)
+    def from_dict(
+        cls, data: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]] | None = None
+    ) -> RunConfig:
+        """Inverse of `to_dict`, with `overrides` ({section: {field: value}}) applied on top; unknown
+        sections or fields raise ConfigError. Values may be strings (from the command line)."""
+        merged = {section: dict(values) for section, values in data.items()}
+        for section, values in (overrides or {}).items():
+            merged.setdefault(section, {}).update(values)
+        unknown = set(merged) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {list(SECTIONS)}")
-        return cls(**{name: make_section(name, data.get(name, {})) for name in SECTIONS})
+        return cls(**{name: make_section(name, merged.get(name, {})) for name in SECTIONS})
 
 
 def make_section(name: str, values: dict[str, Any]) -> Any:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from condlora.config import SECTIONS, ConfigError, RunConfig, make_section
+from condlora.config import ConfigError, RunConfig
 
 _TIME_CLASS_LORA = {"conditioning": "with_lora", "time_lora": "compositional", "class_lora": "select"}
 
@@ -49,9 +48,4 @@ def build_config(preset: str, overrides: dict[str, dict[str, Any]] | None = None
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    merged = copy.deepcopy(PRESETS[preset])
-    for section, values in (overrides or {}).items():
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r}; expected one of {list(SECTIONS)}")
-        merged.setdefault(section, {}).update(values)
-    return RunConfig(**{name: make_section(name, merged.get(name, {})) for name in SECTIONS})
+    return RunConfig.from_dict(PRESETS[preset], overrides)
