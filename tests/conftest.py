@@ -31,6 +31,7 @@ def tiny_config(tmp_path):
                 "checkpoint_every": 4,
                 "keep_checkpoints": 3,
                 "progress": False,
+                "device": "cpu",  # CPU properties (bit-exact resume) are what these tests assert
                 "out_dir": str(tmp_path / "run"),
             },
             "sample": {"steps": 10, "count": 20, "batch_size": 20},

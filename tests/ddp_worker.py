@@ -16,7 +16,14 @@ cfg = build_config(
     {
         "model": {"channels": 8, "channel_mult": "1,2", "attn_levels": "1", "num_heads": 2},
         "diffusion": {"num_timesteps": 100},
-        "train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 2, "progress": False},
+        "train": {
+            "steps": 6,
+            "batch_size": 16,
+            "checkpoint_every": 3,
+            "log_every": 2,
+            "progress": False,
+            "device": "cpu",
+        },
     },
 )
 dist = init_distributed("cpu")

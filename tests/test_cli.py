@@ -19,6 +19,7 @@ TINY = [
     "--model.channels", "8", "--model.channel_mult", "1,2", "--model.attn_levels", "1", "--model.num_heads", "2",
     "--diffusion.num_timesteps", "100",
     "--train.steps", "6", "--train.batch_size", "16", "--train.checkpoint_every", "3", "--train.progress", "false",
+    "--train.device", "cpu",
     "--sample.steps", "5", "--sample.count", "12",
 ]  # fmt: skip
 

@@ -68,6 +68,8 @@ def test_cli_under_torchrun_agrees_on_one_default_run_directory(tmp_path):
         "8",
         "--train.progress",
         "false",
+        "--train.device",
+        "cpu",
         "--no-sample",
     ]
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "condlora.cli", "train", *tiny]

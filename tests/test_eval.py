@@ -47,8 +47,13 @@ def test_bad_sample_archives_are_named(tmp_path):
     with pytest.raises(ValueError, match="labels must be digit classes"):
         digit_class_accuracy(uncond)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="is not a samples archive"):
+    with pytest.raises(ValueError, match="is not an .npz archive"):
         digit_class_accuracy(tmp_path / "junk.npz")
+    np.savez(tmp_path / "unlabelled.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(
+        ValueError, match=r"is not a samples archive: it lacks 'images' or 'labels' \(has \['images'\]\)"
+    ):
+        digit_class_accuracy(tmp_path / "unlabelled.npz")
 
 
 def test_make_grid_places_tiles_row_major():

@@ -63,9 +63,17 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     path = Path(args.resume) / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--resume {args.resume}: {path} is not valid JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume {args.resume}: {path} does not hold a run configuration")
     preset = saved.pop("preset", "")
-    return RunConfig.from_dict(saved, _overrides(args)), preset
+    try:
+        return RunConfig.from_dict(saved, _overrides(args)), preset
+    except ConfigError as err:
+        raise ConfigError(f"--resume {args.resume}: {path}: {err}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -73,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from condlora.train import train
     from condlora.train.distributed import init_distributed, shutdown_distributed
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
     if args.resume:
         (cfg, preset), out_dir = _resume_config(args), Path(args.resume)
     else:
@@ -81,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.resume:
         out_dir = Path(cfg.train.out_dir or dist.broadcast(_default_out_dir(preset)))
     try:
-        result = train(cfg, out_dir, resume=bool(args.resume), preset=preset)
+        result = train(cfg, out_dir, resume=bool(args.resume), preset=preset, overwrite=args.overwrite)
         if not dist.is_main:
             return
         print(f"trained {result.steps} steps in {result.train_seconds / 60:.1f} min; checkpoint: {result.checkpoint}")
@@ -105,11 +115,10 @@ def _default_out_dir(preset: str) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
-
     from condlora.pipeline import load_model, sample_to_files, with_sample_overrides
+    from condlora.train.distributed import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, "--device")
     net, cfg, ckpt = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
     sample = with_sample_overrides(
         cfg,
@@ -155,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (then sample it)", description="Train, then sample.")
     _add_config_options(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest good checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in --train.out_dir (deletes its files)"
+    )
     p.add_argument("--no-sample", action="store_true", help="skip sampling after training")
     p.set_defaults(func=cmd_train)
 
@@ -170,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sample i uses seed + i")
     p.add_argument("--batch-size", type=int, help="images per network call")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="class accuracy of MNIST samples under a reference classifier")

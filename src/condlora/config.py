@@ -7,6 +7,7 @@ so a bad value fails at construction with a message naming the field and the all
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,8 +28,8 @@ def _check(ok: bool, section: str, name: str, message: str, value: Any) -> None:
         raise ConfigError(f"{section}.{name}: {message}, got {value!r}")
 
 
-def _check_literals(obj: Any, section: str) -> None:
-    """Check every Literal-typed field against its allowed values."""
+def _check_fields(obj: Any, section: str) -> None:
+    """Checks every section shares: Literal fields hold an allowed value, float fields are finite."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         choices = literal_choices(hints[f.name])
@@ -36,6 +37,8 @@ def _check_literals(obj: Any, section: str) -> None:
         if choices and value not in choices:
             allowed = ", ".join(map(str, choices))
             raise ConfigError(f"{section}.{f.name}: must be one of {allowed}, got {value!r}")
+        if hints[f.name] is float:
+            _check(isinstance(value, (int, float)) and math.isfinite(value), section, f.name, "must be finite", value)
 
 
 def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
@@ -60,6 +63,7 @@ class DataConfig:
     num_workers: int = _field(0, "DataLoader worker processes (0 loads in the main process)")
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data")
         _check(self.image_size >= 0, "data", "image_size", "must be >= 0", self.image_size)
         _check(
             0 <= self.holdout_fraction < 1,
@@ -110,7 +114,7 @@ class ModelConfig:
     lora_bias: bool = _field(False, "add the zero-initialised per-basis bias of the published UC-LoRA code")
 
     def __post_init__(self) -> None:
-        _check_literals(self, "model")
+        _check_fields(self, "model")
         self._check_lora()
         _check(self.image_size >= 8, "model", "image_size", "must be >= 8", self.image_size)
         _check(self.in_channels in (1, 3), "model", "in_channels", "must be 1 or 3", self.in_channels)
@@ -204,7 +208,7 @@ class DiffusionConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_literals(self, "diffusion")
+        _check_fields(self, "diffusion")
         _check(self.num_timesteps >= 2, "diffusion", "num_timesteps", "must be >= 2", self.num_timesteps)
         _check(0 < self.beta_start < 1, "diffusion", "beta_start", "must be in (0, 1)", self.beta_start)
         _check(
@@ -243,9 +247,12 @@ class TrainConfig:
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep (>= 2 keeps a fallback)")
     out_dir: str = _field("", "output directory; empty means runs/<preset>-<timestamp>")
     progress: bool = _field(True, "show a progress bar")
+    deterministic: bool = _field(
+        False, "deterministic algorithms, so a resumed GPU run is bit-exact (slower); CPU runs are always exact"
+    )
 
     def __post_init__(self) -> None:
-        _check_literals(self, "train")
+        _check_fields(self, "train")
         for name in ("steps", "batch_size", "log_every"):
             _check(getattr(self, name) >= 1, "train", name, "must be >= 1", getattr(self, name))
         for name in ("warmup_steps", "sample_every", "checkpoint_every"):
@@ -272,7 +279,7 @@ class SampleConfig:
     use_ema: bool = _field(True, "sample with the EMA weights")
 
     def __post_init__(self) -> None:
-        _check_literals(self, "sample")
+        _check_fields(self, "sample")
         _check(self.steps >= 1, "sample", "steps", "must be >= 1", self.steps)
         _check(0 <= self.eta <= 1, "sample", "eta", "must be in [0, 1]", self.eta)
         _check(self.guidance_scale >= 0, "sample", "guidance_scale", "must be >= 0", self.guidance_scale)
@@ -340,6 +347,15 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {list(SECTIONS)}")
         return cls(**{name: make_section(name, merged.get(name, {})) for name in SECTIONS})
+
+
+def differences(before: Any, after: Any, section: str) -> list[str]:
+    """`section.field: before -> after` for each field in which two instances of one section differ."""
+    return [
+        f"{section}.{f.name}: {getattr(before, f.name)!r} -> {getattr(after, f.name)!r}"
+        for f in dataclasses.fields(before)
+        if getattr(before, f.name) != getattr(after, f.name)
+    ]
 
 
 def make_section(name: str, values: dict[str, Any]) -> Any:

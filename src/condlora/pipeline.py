@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from condlora.config import RunConfig, SampleConfig
-from condlora.data import unscale
+from condlora.data import read_npz, unscale
 from condlora.diffusion import schedule_for
 from condlora.diffusion.generate import generate
 from condlora.eval.images import save_grid, save_samples_npz
@@ -72,11 +72,10 @@ def digit_class_accuracy(
     path = Path(samples_npz)
     if not path.is_file():
         raise FileNotFoundError(f"samples file does not exist: {path}")
-    try:
-        data = np.load(path)
-        images, labels = data["images"], data["labels"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} is not a samples archive with 'images' and 'labels': {err}") from None
+    data = read_npz(path)
+    if "images" not in data or "labels" not in data:
+        raise ValueError(f"{path} is not a samples archive: it lacks 'images' or 'labels' (has {sorted(data)})")
+    images, labels = data["images"], data["labels"]
     if images.shape[1:] != (28, 28, 1):
         raise ValueError(f"{path}: class accuracy needs 28x28 grayscale digits, got images of shape {images.shape}")
     if (labels < 0).any() or (labels > 9).any():

@@ -18,6 +18,7 @@ from condlora.data.sources import (
     load_npz,
     load_sklearn_digits,
     load_source,
+    read_npz,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "load_sklearn_digits",
     "load_source",
     "random_hflip",
+    "read_npz",
     "resize_images",
     "scale",
     "split_indices",

@@ -223,6 +223,18 @@ def _npz_images(images: np.ndarray, origin: Path) -> np.ndarray:
     raise DataError(f"{origin}: 'images' has shape {images.shape}, expected {expected}")
 
 
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` archive; DataError naming the file if it is not one. Never unpickles."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an .npz archive (not a zip file); save arrays with numpy.savez")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = "it holds object arrays, which condlora never unpickles" if "pickle" in str(err) else str(err)
+        raise DataError(f"cannot read {path}: {reason}") from None
+
+
 def load_npz(path: str | Path) -> ImageSource:
     """Load an ``.npz`` with ``images`` and optional ``labels``, ``num_classes`` and ``class_names``.
 
@@ -232,14 +244,7 @@ def load_npz(path: str | Path) -> ImageSource:
         path: ``.npz`` file; images uint8 (N, H, W) / (N, H, W, C) / (N, C, H, W), labels int (N,).
     """
     p = _require_path(path)
-    try:
-        loaded = np.load(p, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy renamed to .npz
-            raise ValueError("not an npz archive")
-        with loaded as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"cannot read npz file {p} (not a valid .npz archive?): {e}") from e
+    arrays = read_npz(p)
     if "images" not in arrays:
         raise DataError(f"{p}: no 'images' array (found keys: {sorted(arrays)})")
     images = _npz_images(arrays["images"], p)

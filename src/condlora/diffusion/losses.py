@@ -12,7 +12,7 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 class UniformTimestepSampler:
-    """t ~ U{0, ..., T-1}: every step equally likely, so the loss weights are all 1."""
+    """t ~ U{0, ..., T-1} (0-based: the papers' steps 1..T): every step equally likely, so all loss weights are 1."""
 
     def __init__(self, num_timesteps: int):
         self.num_timesteps = num_timesteps

@@ -1,6 +1,8 @@
 """Samplers for discrete-time eps-prediction models: ancestral DDPM and DDIM, with any number of steps.
 
-Each sampler is a plain function over an `eps(x_t, t)` callable and a schedule. Randomness comes from
+Each sampler is a plain function over an `eps(x_t, t)` callable and a schedule. Timesteps are 0-based
+throughout condlora: t in [0, T), where t = 0 is the papers' step 1 (least noise) and t = T - 1 their step T;
+a caller counting 1..T must subtract one. Randomness comes from
 `PerSampleNoise`, one generator per sample, so a sample depends on its seed alone, not on the batch it
 was drawn in nor on the device.
 """
@@ -81,7 +83,7 @@ def ddpm_sample(
     beta_t = 1 - alpha_bar_t / alpha_bar_prev and the posterior variance beta~_t.
 
     Args:
-        eps_fn: eps(x_t, t) with t the (float) original step index.
+        eps_fn: eps(x_t, t) with t (B,) the 0-based step index in [0, T) as a float (T - 1 first, 0 last).
         schedule: the training noise schedule.
         noise: per-sample noise; the batch size is len(noise.generators).
         shape: (C, H, W) of one image.

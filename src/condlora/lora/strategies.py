@@ -23,7 +23,7 @@ class Conditions:
     """What the conditioned layers of one network call may depend on; every field is per sample.
 
     Attributes:
-        timestep: (B,) int64 discrete diffusion step in [0, T) (TimeLoRA).
+        timestep: (B,) int64 discrete diffusion step, 0-based: t in [0, T) is the papers' step t + 1 (TimeLoRA).
         labels: (B,) int64 class index, or -1 for "no class" (ClassLoRA).
         class_vector: (B, C) float weights over classes, overriding `labels` (class interpolation, sec. 5.6).
         embedding: (B, D) the network's shared condition embedding v (UC-LoRA).
@@ -80,7 +80,7 @@ def onehot_table(num_timesteps: int, num_bases: int) -> torch.Tensor:
 
 
 class TimeTable(nn.Module):
-    """TimeLoRA: omega(t) is row t of a per-layer table of T rows.
+    """TimeLoRA: omega(t) is row t of a per-layer table of T rows; t is 0-based (row t is the papers' step t + 1).
 
     Args:
         num_timesteps: T.

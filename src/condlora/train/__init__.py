@@ -3,10 +3,12 @@
 from condlora.train.checkpoint import CheckpointError, load_checkpoint, load_latest, resolve_checkpoint
 from condlora.train.ema import EMA
 from condlora.train.loop import StepBatchSampler, TrainingDiverged, TrainResult, lr_at, train, train_step
+from condlora.train.rundir import RunDirectoryError
 
 __all__ = [
     "EMA",
     "CheckpointError",
+    "RunDirectoryError",
     "StepBatchSampler",
     "TrainResult",
     "TrainingDiverged",

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
+_TEMPORARY_PREFIXES = (".tmp-step-", ".stale-step-")  # the only names `remove_temporaries` deletes
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +81,9 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `root/step-<step>` atomically and prune all but the `keep` newest.
+    """Write checkpoint `root/step-<step>` atomically, then prune by step: keep the `keep` newest checkpoints
+    up to `step` and remove every checkpoint of a later step (a timeline this run has left: after a resume
+    those are the ones that failed verification).
 
     Args:
         root: the checkpoints directory.
@@ -105,21 +108,41 @@ def save_checkpoint(
     write_json_atomic(tmp / STATE_FILE, {**state, "format_version": FORMAT_VERSION, "step": step, "files": files})
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
-        stale = root / f".stale-{final.name}-{os.getpid()}"
+        stale = root / f".stale-{final.name}-{os.getpid()}"  # .stale-step-*
         os.replace(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    existing = list_checkpoints(root)
+    kept = [p for p in existing if checkpoint_step(p) <= step][-keep:]
+    for old in existing:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint directory's name `step-<step>`."""
+    return int(path.name.removeprefix("step-"))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under `root`, oldest first (temporary ones are ignored)."""
+    """Checkpoint directories under `root`, ordered by step, oldest first (temporary ones are ignored)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary directories a killed checkpoint write leaves in `root` (`.tmp-step-*`,
+    `.stale-step-*`; nothing else); returns what was removed."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_TEMPORARY_PREFIXES)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -173,13 +196,16 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path does not exist: {path}")
-    if (path / STATE_FILE).exists():
-        return load_checkpoint(path)
+    if (path / STATE_FILE).exists() or path.name.startswith("step-") or any(path.glob("*.safetensors")):
+        return load_checkpoint(path)  # one checkpoint directory: names the missing or bad file
     for root in (path / "checkpoints", path):
         found = load_latest(root) if root.is_dir() else None
         if found is not None:
             return found
-    raise CheckpointError(f"no checkpoint found under {path}")
+    raise CheckpointError(
+        f"no checkpoint found under {path}: expected a run directory (with checkpoints/step-*), "
+        "a checkpoints/ directory, or one checkpoint directory (with state.json)"
+    )
 
 
 def encode_bytes(t: torch.Tensor) -> str:

@@ -50,23 +50,55 @@ class DistContext:
             dist.barrier()
 
 
+def resolve_device(device: str, option: str = "device") -> torch.device:
+    """The torch device for "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
+
+    Raises ValueError naming `option` when CUDA is asked for on a machine without it, or an index is out of range.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{option}: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option}: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(
+                f"{option} is {device!r} but no CUDA device is available (torch {torch.__version__} is {build}); "
+                "use cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} is {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process.
 
     Args:
-        device: "auto" (cuda when available), "cpu" or "cuda".
+        device: "auto" (cuda when available), "cpu" or "cuda". Under torchrun each process of a node takes
+            the GPU of its local rank; more processes than GPUs is an error (ask for the CPU instead).
     """
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, "train.device")
+    if dev.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(
+                f"process with local rank {local_rank} has no GPU: this node has {visible} visible CUDA device(s); "
+                f"start at most {visible} processes per node (torchrun --nproc_per_node={visible}) "
+                "or train on the CPU with --train.device cpu"
+            )
+        dev = torch.device("cuda", local_rank)
     if world_size > 1 and not dist.is_initialized():
-        if use_cuda:
+        if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistContext(rank=rank, world_size=world_size, device=dev)
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from condlora.config import RunConfig
+from condlora.config import RunConfig, differences
 from condlora.data import DataError, ImageDataset, build_datasets, random_hflip, unscale
 from condlora.diffusion import EpsilonLoss, NoiseSchedule, schedule_for
 from condlora.diffusion.generate import generate
@@ -30,11 +33,13 @@ from condlora.train.checkpoint import (
     load_latest,
     optimizer_from_checkpoint,
     optimizer_to_checkpoint,
+    remove_temporaries,
     save_checkpoint,
     write_json_atomic,
 )
 from condlora.train.distributed import DistContext, init_distributed
 from condlora.train.ema import EMA
+from condlora.train.rundir import check_fresh_run_dir, clear_run_dir, trim_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -189,24 +194,24 @@ def _checkpoint_payload(state: _State, cfg: RunConfig, dist: DistContext, rng: l
 
 def _resume_checkpoint(root: Path, dist: DistContext) -> Checkpoint | None:
     """Rank 0 picks the newest checkpoint that verifies; every other rank loads that same one."""
-    found, error = None, None
-    if dist.is_main:
-        try:
-            found = load_latest(root)
-        except CheckpointError as err:
-            error = str(err)
-    path, error = dist.broadcast((str(found.path) if found else None, error))
-    if error is not None:
-        raise CheckpointError(error)
+    found: list[Checkpoint | None] = [None]
+
+    def pick() -> str | None:
+        found[0] = load_latest(root)
+        return str(found[0].path) if found[0] else None
+
+    path = _on_main(dist, pick)
     if dist.is_main or path is None:
-        return found
+        return found[0]
     return load_checkpoint(Path(path))
 
 
 def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
-    saved_model = RunConfig.from_dict(ckpt.state["config"]).model
-    if saved_model != cfg.model:
-        raise CheckpointError(f"{ckpt.path}: model config differs from the checkpoint's ({saved_model})")
+    changed = differences(RunConfig.from_dict(ckpt.state["config"]).model, cfg.model, "model")
+    if changed:
+        raise CheckpointError(
+            f"{ckpt.path} holds another network; resume with its model settings: {'; '.join(changed)}"
+        )
     if ckpt.state.get("world_size", 1) != dist.world_size:
         raise CheckpointError(
             f"{ckpt.path} was written by {ckpt.state['world_size']} processes; resume with the same number"
@@ -285,21 +290,61 @@ def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_st
     )
 
 
-def prepare_out_dir(cfg: RunConfig, out_dir: Path, dist: DistContext, preset: str) -> None:
-    """Create the run directory and write config.json (rank 0)."""
+def prepare_out_dir(cfg: RunConfig, out_dir: Path, dist: DistContext, preset: str, overwrite: bool = False) -> None:
+    """Create the run directory (clearing an earlier run first with `overwrite`) and write config.json (rank 0)."""
     if dist.is_main:
+        if overwrite:
+            clear_run_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", {"preset": preset, **cfg.to_dict()})
     dist.barrier()
 
 
-def train(cfg: RunConfig, out_dir: Path, resume: bool = False, preset: str = "") -> TrainResult:
+def _on_main(dist: DistContext, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 alone; every rank returns its (small, picklable) result or raises its error."""
+    result, message, caught = None, None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except (ValueError, CheckpointError) as err:
+            caught, message = err, str(err)
+    result, message = dist.broadcast((result, message))
+    if caught is not None:
+        raise caught
+    if message is not None:
+        raise ValueError(message)
+    return result
+
+
+def _use_deterministic_algorithms() -> None:
+    """Deterministic kernels everywhere (cuBLAS needs its workspace setting before its first call)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: Path,
+    resume: bool = False,
+    preset: str = "",
+    overwrite: bool = False,
+) -> TrainResult:
     """Train a diffusion model as configured, writing checkpoints, metrics.csv and preview grids to out_dir.
 
-    Runs unchanged under torchrun (DDP); rank 0 writes all files. With `resume`, training continues from the
-    newest good checkpoint in out_dir/checkpoints exactly as if it had never stopped.
+    Runs unchanged under torchrun (DDP); rank 0 writes all files. A fresh run refuses an `out_dir` that is not
+    empty (`overwrite` replaces an earlier run there). With `resume`, training continues from the newest good
+    checkpoint in out_dir/checkpoints exactly as if it had never stopped.
     """
     dist = init_distributed(cfg.train.device)
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite replaces it")
+    if not resume:
+        _on_main(dist, lambda: check_fresh_run_dir(out_dir, overwrite))
+    if cfg.train.deterministic:
+        _use_deterministic_algorithms()
     train_set, _, _ = build_datasets(
         cfg.data.dataset, cfg.data.holdout_fraction, cfg.data.split_seed, cfg.data.image_size or None
     )
@@ -313,7 +358,10 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, preset: str = "")
             _restore(state, ckpt, cfg, dist)
             if dist.is_main:
                 print(f"resuming from {ckpt.path} at step {state.step}")
-    prepare_out_dir(cfg, out_dir, dist, preset)
+        if dist.is_main:
+            remove_temporaries(ckpt_root)  # left by a kill during a checkpoint write
+            trim_metrics(out_dir / "metrics.csv", state.step)  # the steps after the checkpoint run again
+    prepare_out_dir(cfg, out_dir, dist, preset, overwrite)
     model = DistributedDataParallel(state.net) if dist.world_size > 1 else state.net
     return _run_loop(cfg, out_dir, state, model, train_set, schedule, dist)
 
@@ -337,10 +385,8 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
             loss, grad_norm = train_step(model, state.opt, loss_fn, x0, cond, state.generator, cfg, dist)
         except TrainingDiverged as err:
             bar.close()
-            kept = last_ckpt or (out_dir / "checkpoints")
-            raise TrainingDiverged(
-                f"{err} at step {state.step + 1}; stopping. Last good checkpoint kept: {kept}"
-            ) from None
+            kept = f"Last good checkpoint kept: {last_ckpt}" if last_ckpt else "No checkpoint was written yet"
+            raise TrainingDiverged(f"{err} at step {state.step + 1}; stopping. {kept}") from None
         state.ema.update(state.net, state.step)
         state.step += 1
         log.record(state.step, loss.item(), lr, grad_norm.item())
