@@ -196,7 +196,7 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path does not exist: {path}")
-    if (path / STATE_FILE).exists() or path.name.startswith("step-") or any(path.glob("*.safetensors")):
+    if any((path / name).exists() for name in (STATE_FILE, "model.safetensors")) or path.name.startswith("step-"):
         return load_checkpoint(path)  # one checkpoint directory: names the missing or bad file
     for root in (path / "checkpoints", path):
         found = load_latest(root) if root.is_dir() else None
