@@ -20,8 +20,8 @@ def tiny_config(tmp_path):
 
     def make(**sections):
         overrides = {
-            "model": {"channels": 8, "channel_mult": (1, 2), "attn_levels": (1,), "num_heads": 2},
-            "diffusion": {"num_timesteps": 100},
+            "nano": {"channels": 8, "channel_mult": (1, 2), "attn_levels": (1,), "num_heads": 2},
+            "ddpm": {"num_timesteps": 100},
             "train": {
                 "steps": 12,
                 "batch_size": 16,

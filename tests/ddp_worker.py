@@ -14,8 +14,8 @@ out = Path(sys.argv[1])
 cfg = build_config(
     "digits-nano",
     {
-        "model": {"channels": 8, "channel_mult": "1,2", "attn_levels": "1", "num_heads": 2},
-        "diffusion": {"num_timesteps": 100},
+        "nano": {"channels": 8, "channel_mult": "1,2", "attn_levels": "1", "num_heads": 2},
+        "ddpm": {"num_timesteps": 100},
         "train": {
             "steps": 6,
             "batch_size": 16,

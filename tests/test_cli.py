@@ -16,8 +16,8 @@ from condlora.presets import build_config
 
 TINY = [
     "--preset", "digits-nano",
-    "--model.channels", "8", "--model.channel_mult", "1,2", "--model.attn_levels", "1", "--model.num_heads", "2",
-    "--diffusion.num_timesteps", "100",
+    "--nano.channels", "8", "--nano.channel_mult", "1,2", "--nano.attn_levels", "1", "--nano.num_heads", "2",
+    "--ddpm.num_timesteps", "100",
     "--train.steps", "6", "--train.batch_size", "16", "--train.checkpoint_every", "3", "--train.progress", "false",
     "--train.device", "cpu",
     "--sample.steps", "5", "--sample.count", "12",
@@ -27,30 +27,31 @@ TINY = [
 def test_info_ends_with_the_parameter_count(capsys):
     assert main(["info", "--preset", "mnist-nano"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    expected = count_parameters(build_network(build_config("mnist-nano").model))
+    expected = count_parameters(build_network(build_config("mnist-nano")))
     assert last == f"parameters: {expected}"
     assert 400_000 < expected < 600_000  # the nano backbone is ~0.5M parameters
 
 
 def test_info_applies_overrides(capsys):
-    assert main(["info", "--preset", "mnist-nano-baseline", "--model.channels", "32", "--model.num_classes", "0"]) == 0
+    assert main(["info", "--preset", "mnist-nano-baseline", "--nano.channels", "32", "--model.num_classes", "0"]) == 0
     out = capsys.readouterr().out
-    cfg = build_config("mnist-nano-baseline", {"model": {"channels": 32, "num_classes": 0}})
-    expected = count_parameters(build_network(cfg.model))
+    cfg = build_config("mnist-nano-baseline", {"model": {"num_classes": 0}, "nano": {"channels": 32}})
+    expected = count_parameters(build_network(cfg))
     assert out.strip().endswith(f"parameters: {expected}") and "unconditional" in out
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--diffusion.schedule", "quadratic"], "diffusion.schedule: must be one of linear, cosine"),
+        (["--ddpm.schedule", "quadratic"], "ddpm.schedule: must be one of linear, cosine"),
         (["--train.lr", "-1"], "train.lr: must be > 0"),
-        (["--model.channel_mult", "1,x"], "model.channel_mult: expected"),
+        (["--nano.channel_mult", "1,x"], "nano.channel_mult: expected"),
         (["--data.hflip", "maybe"], "data.hflip: expected bool"),
-        (["--sample.steps", "5000"], "sample.steps: must be <= diffusion.num_timesteps"),
-        (["--model.num_classes", "0"], "model.class_lora: needs a class-conditional model"),
+        (["--sample.steps", "5000"], "sample.steps: must be <= ddpm.num_timesteps"),
+        (["--model.num_classes", "0"], "lora.classes: needs a class-conditional model"),
         (["--model.conditioning", "baseline"], "LoRA banks are set, so conditioning must be with_lora or lora_only"),
-        (["--model.time_bases", "1"], "model.time_bases: must be >= 2"),
+        (["--model.backbone", "diffusers"], "train.init_from: the diffusers backbone is read from a local model"),
+        (["--lora.time_bases", "1"], "lora.time_bases: must be >= 2"),
     ],
 )
 def test_bad_override_names_the_field(capsys, argv, message):

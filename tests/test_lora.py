@@ -54,10 +54,10 @@ def _conditions(batch: int, shared: bool = False) -> Conditions:
     """Random per-sample conditions, or one condition repeated over the batch."""
     g = torch.Generator().manual_seed(1)
     n = 1 if shared else batch
-    timestep = torch.randint(0, T, (n,), generator=g).expand(batch)
+    step = torch.randint(0, T, (n,), generator=g).expand(batch)
     labels = torch.randint(-1, C, (n,), generator=g).expand(batch)
     embedding = torch.randn(n, D, generator=g).expand(batch, D)
-    return Conditions(timestep=timestep, labels=labels, embedding=embedding)
+    return Conditions(step=step, labels=labels, embedding=embedding, shared=shared)
 
 
 def _randomise(layer: ConditionedLoRA) -> None:
@@ -69,7 +69,7 @@ def _randomise(layer: ConditionedLoRA) -> None:
 
 def _naive(layer: ConditionedLoRA, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
     """Build W_t for each sample and apply it to that sample alone."""
-    omega = layer.omega(cond)
+    omega = layer.omega(cond, x)
     w0 = layer.base_layer.weight.reshape(layer.c_out, layer.c_in)
     outs = []
     for i in range(x.shape[0]):
@@ -114,10 +114,11 @@ def test_shared_condition_takes_the_merged_path_and_matches(kind, layout, monkey
     original = ConditionedLoRA._forward_merged
     monkeypatch.setattr(ConditionedLoRA, "_forward_merged", lambda *a: calls.append(1) or original(*a))
     out = layer(x)
-    assert calls == [1]
+    assert calls == [1]  # chosen by the caller's flag, not by comparing omegas
     assert torch.allclose(out, _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
-    layer.merge_shared = False  # the batched path gives the same answer
+    layer.conditions = cond.replace(shared=False)  # the batched path gives the same answer
     assert torch.allclose(layer(x), out, atol=1e-4, rtol=1e-4)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -163,10 +164,19 @@ def test_class_vector_interpolates_between_classes():
     assert torch.equal(one, torch.tensor([[0.0, 0, 1, 0], [0, 0, 0, 0]]))
     mix = torch.tensor([[0.3, 0.0, 0.7, 0.0], [1.5, -0.5, 0, 0]])  # interpolation, extrapolation
     assert torch.equal(select(Conditions(labels=torch.tensor([0, 0]), class_vector=mix)), mix)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
-        select(Conditions(labels=torch.tensor([4])))
-    with pytest.raises(ValueError, match="timestep"):
+    with pytest.raises(ValueError, match="TimeLoRA needs Conditions.step"):
         TimeTable(10, 3)(Conditions())
+
+
+def test_conditions_are_validated_at_the_boundary():
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) or -1, got 0..4"):
+        Conditions(labels=torch.tensor([0, 4])).check(num_classes=4)
+    with pytest.raises(ValueError, match=r"steps must be in \[0, 10\) \(0-based\), got 1..10"):
+        Conditions(step=torch.tensor([1, 10])).check(num_timesteps=10)
+    with pytest.raises(ValueError, match="class_vector has 3 entries, expected 4"):
+        Conditions(class_vector=torch.zeros(1, 3)).check(num_classes=4)
+    ok = Conditions(labels=torch.tensor([-1, 3]), step=torch.tensor([0, 9]))
+    assert ok.check(num_classes=4, num_timesteps=10) is ok
 
 
 def test_merge_unmerge_round_trip():
@@ -238,14 +248,20 @@ def test_layer_rejects_padded_or_strided_convolutions():
             ConditionedLoRA(base, {"c": ClassSelect(2)})
 
 
-def test_merged_layer_refuses_other_conditions_and_failed_merge_changes_nothing():
+def test_merged_layer_stays_right_for_other_conditions_and_failed_merge_changes_nothing():
     layer = ConditionedLoRA(nn.Linear(4, 4), {"c": ClassSelect(3)}, rank=2)
     _randomise(layer)
-    layer.merge(Conditions(labels=torch.tensor([1, 1])))
-    layer.conditions = Conditions(labels=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="merged for one condition"):
-        layer(torch.randn(2, 4))
+    x, other = torch.randn(2, 4), Conditions(labels=torch.tensor([1, 2]))
+    layer.conditions = other
+    expected = _naive(layer, x, other)
     layer.conditions = None
+    layer.merge(Conditions(labels=torch.tensor([1, 1])))
+    assert torch.allclose(layer(x[:1]), expected[:1], atol=1e-5)  # no conditions: the merged one (class 1)
+    layer.conditions = other  # class 2 in the batch: the layer adds only what it differs by
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer.conditions = None
+    with pytest.raises(ValueError, match="one condition shared by the whole batch"):
+        ConditionedLoRA(nn.Linear(4, 4), {"c": ClassSelect(3)}).merge(other)
     layer.unmerge()
     no_bias = ConditionedLoRA(nn.Linear(4, 4, bias=False), {"c": ClassSelect(3)}, rank=2, basis_bias=True)
     _randomise(no_bias)
@@ -259,5 +275,5 @@ def test_injection_follows_the_base_dtype():
     model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
     inject_conditioned_lora(model, ["0"], lambda n, m: {"t": TimeTable(T, 3)})
     assert model[0].lora_down.dtype == torch.bfloat16
-    with bind_conditions(model, Conditions(timestep=torch.tensor([3, 40]))):
+    with bind_conditions(model, Conditions(step=torch.tensor([3, 40]))):
         assert model(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -6,17 +6,19 @@ import torch
 from PIL import Image
 
 from condlora.cli import main
-from condlora.diffusion import PerSampleNoise, classifier_free_guidance, ddim_sample, schedule_for
-from condlora.diffusion.guidance import class_vector_guidance
+import functools
+
+from condlora.conditions import NULL_LABEL, Conditions
+from condlora.diffusion import PerSampleNoise, classifier_free, ddim_sample, guided, process_for
 from condlora.eval.plots import binned_omega, class_path_vectors, cosine_matrix
 from condlora.lora import linear_interpolation_table
 from condlora.nets import build_network
 from condlora.presets import build_config
 
 TINY = [
-    "--preset", "digits-nano", "--model.channels", "8", "--model.channel_mult", "1,2", "--model.attn_levels", "1",
-    "--model.num_heads", "2", "--diffusion.num_timesteps", "60", "--train.steps", "4", "--train.batch_size", "16",
-    "--train.progress", "false", "--no-sample", "--sample.steps", "4",
+    "--preset", "digits-nano", "--nano.channels", "8", "--nano.channel_mult", "1,2", "--nano.attn_levels", "1",
+    "--nano.num_heads", "2", "--ddpm.num_timesteps", "60", "--train.steps", "4", "--train.batch_size", "16",
+    "--train.progress", "false", "--train.device", "cpu", "--no-sample", "--sample.steps", "4",
 ]  # fmt: skip
 
 
@@ -46,25 +48,31 @@ def test_class_path_vectors():
     assert torch.allclose(v["extrapolation"][-1], torch.tensor([0.0, 1, 0, 0]))
 
 
-@pytest.mark.parametrize("conditioning", [{}, {"conditioning": "with_lora", "class_lora": "select"}])
-def test_one_hot_class_vector_equals_the_label(conditioning):
-    model = {"channels": 8, "channel_mult": "1,2", "attn_levels": "1", "num_heads": 2, **conditioning}
-    cfg = build_config("digits-nano", {"model": model, "diffusion": {"num_timesteps": 60}})
+@pytest.mark.parametrize("lora", [{}, {"classes": "select"}])
+def test_one_hot_class_vector_equals_the_label(lora):
+    nano = {"channels": 8, "channel_mult": "1,2", "attn_levels": "1", "num_heads": 2}
+    model = {"conditioning": "with_lora"} if lora else {}
+    cfg = build_config("digits-nano", {"model": model, "nano": nano, "lora": lora, "ddpm": {"num_timesteps": 60}})
     torch.manual_seed(0)
-    net = build_network(cfg.model, 60).eval()
+    net = build_network(cfg).eval()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    onehot = torch.nn.functional.one_hot(torch.tensor([3, 3]), 10).float()
-    a = ddim_sample(class_vector_guidance(net, onehot, 2.0), schedule_for(cfg), PerSampleNoise([1, 2]), (1, 8, 8), 5)
-    b = ddim_sample(classifier_free_guidance(net, torch.tensor([3, 3]), 2.0), schedule_for(cfg), PerSampleNoise([1, 2]),
-                    (1, 8, 8), 5)  # fmt: skip
+    process = process_for(cfg)
+    predict = functools.partial(process.predict, net)
+    null = torch.full((2,), NULL_LABEL)
+    onehot = Conditions(labels=null, class_vector=torch.nn.functional.one_hot(torch.tensor([3, 3]), 10).float())
+    label = Conditions(labels=torch.tensor([3, 3]))
+    a, b = (
+        ddim_sample(guided(predict, classifier_free(c, 2.0)), process.schedule, PerSampleNoise([1, 2]), (1, 8, 8), 5)
+        for c in (onehot, label)
+    )
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_plots_command_writes_every_figure(tmp_path, capsys):
     run = tmp_path / "run"
-    lora = ["--model.conditioning", "with_lora", "--model.time_lora", "compositional", "--model.time_bases", "4",
-            "--model.omega", "train", "--model.omega_init", "onehot", "--model.class_lora", "select"]  # fmt: skip
+    lora = ["--model.conditioning", "with_lora", "--lora.time", "compositional", "--lora.time_bases", "4",
+            "--lora.omega", "train", "--lora.omega_init", "onehot", "--lora.classes", "select"]  # fmt: skip
     assert main(["train", *TINY, *lora, "--train.out_dir", str(run)]) == 0
     assert main(["plots", str(run), "--classes", "2", "5", "--steps", "3"]) == 0
     figures = run / "figures"

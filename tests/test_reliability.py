@@ -17,7 +17,7 @@ from test_cli import TINY
 
 from condlora.cli import main
 from condlora.config import ConfigError, RunConfig
-from condlora.diffusion import EpsilonLoss
+from condlora.diffusion import DDPM
 from condlora.train import EMA, RunDirectoryError, TrainingDiverged, train
 from condlora.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from condlora.train.distributed import init_distributed
@@ -152,7 +152,7 @@ def test_resume_with_a_corrupt_config_names_the_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "option", ["--train.lr", "--train.grad_clip", "--diffusion.beta_end", "--sample.eta", "--data.holdout_fraction"]
+    "option", ["--train.lr", "--train.grad_clip", "--ddpm.beta_end", "--sample.eta", "--data.holdout_fraction"]
 )
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_non_finite_floats_are_rejected(capsys, option, value):
@@ -167,15 +167,15 @@ def test_non_finite_floats_in_a_saved_config_are_rejected():
 
 def test_divergence_before_any_checkpoint_says_so(tiny_config, monkeypatch):
     cfg = tiny_config()
-    original = EpsilonLoss.__call__
+    original = DDPM.loss
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        loss = original(self, *args, **kwargs)["loss"]
+        return {"loss": loss * float("nan") if calls["n"] == 2 else loss}
 
-    monkeypatch.setattr(EpsilonLoss, "__call__", poisoned)
+    monkeypatch.setattr(DDPM, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 2; stopping. No checkpoint was written yet"):
         train(cfg, Path(cfg.train.out_dir))
 
@@ -284,10 +284,10 @@ def test_model_mismatch_on_resume_names_the_fields(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--train.out_dir", str(run), "--no-sample"]) == 0
     capsys.readouterr()
-    argv = ["train", "--resume", str(run), "--model.channels", "12", "--model.dropout", "0.1", "--no-sample"]
+    argv = ["train", "--resume", str(run), "--nano.channels", "12", "--nano.dropout", "0.1", "--no-sample"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "model.channels: 8 -> 12; model.dropout: 0.0 -> 0.1" in err
+    assert "nano.channels: 8 -> 12; nano.dropout: 0.0 -> 0.1" in err
     assert "ModelConfig(" not in err and "backbone" not in err
 
 

@@ -3,18 +3,25 @@
 import pytest
 import torch
 
+import functools
+
+from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import SampleConfig
 from condlora.diffusion import (
+    DDPM,
+    Guidance,
     NoiseSchedule,
     PerSampleNoise,
-    classifier_free_guidance,
+    classifier_free,
     ddim_sample,
     ddpm_sample,
+    guided,
 )
 from condlora.diffusion.generate import generate
-from condlora.nets import NULL_LABEL, NanoUNet
+from condlora.nets import NanoUNet
 
 SCHEDULE = NoiseSchedule.create("linear", 1000)
+PROCESS = DDPM(SCHEDULE)
 AB = SCHEDULE.alphas_cumprod
 
 
@@ -74,7 +81,7 @@ def _tiny_net():
 
 def test_ddim_eta_zero_is_deterministic_and_seed_dependent():
     net = _tiny_net()
-    eps = classifier_free_guidance(net, torch.tensor([0, 1]), 2.0)
+    eps = guided(functools.partial(PROCESS.predict, net), classifier_free(Conditions(labels=torch.tensor([0, 1])), 2.0))
     a = ddim_sample(eps, SCHEDULE, PerSampleNoise([1, 2]), (1, 8, 8), steps=10)
     b = ddim_sample(eps, SCHEDULE, PerSampleNoise([1, 2]), (1, 8, 8), steps=10)
     c = ddim_sample(eps, SCHEDULE, PerSampleNoise([3, 4]), (1, 8, 8), steps=10)
@@ -86,24 +93,48 @@ def test_ddim_eta_zero_is_deterministic_and_seed_dependent():
 def test_sampling_does_not_depend_on_batch_size(sampler):
     net = _tiny_net()
     cfg = SampleConfig(sampler=sampler, steps=8, eta=0.5, guidance_scale=1.5, count=7, seed=11, batch_size=7)
-    whole, labels = generate(net, SCHEDULE, cfg, (1, 8, 8), num_classes=3, progress=False)
+    whole, labels = generate(net, PROCESS, cfg, (1, 8, 8), num_classes=3, progress=False)
     split, labels2 = generate(
-        net, SCHEDULE, SampleConfig(**{**cfg.__dict__, "batch_size": 3}), (1, 8, 8), 3, progress=False
+        net, PROCESS, SampleConfig(**{**cfg.__dict__, "batch_size": 3}), (1, 8, 8), 3, progress=False
     )
     assert torch.equal(labels, labels2)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert torch.allclose(whole, split, atol=1e-5)
 
 
-def test_classifier_free_guidance_combines_conditional_and_null_predictions():
-    def net(x, t, labels):
-        # a fake denoiser whose prediction is the label value (null -> 10)
-        value = torch.where(labels == NULL_LABEL, 10, labels).float()
-        return value[:, None, None, None].expand_as(x)
+def _label_valued(x, t, cond):
+    """A fake prediction whose value is the label (null -> 10) plus 100 * t: each branch is recognisable."""
+    value = torch.where(cond.labels == NULL_LABEL, 10, cond.labels).float() + 100 * t.float()
+    return value[:, None, None, None].expand_as(x)
 
-    x, t = torch.zeros(2, 1, 2, 2), torch.zeros(2)
+
+def test_classifier_free_guidance_combines_conditional_and_null_predictions():
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([3, 3])
     labels = torch.tensor([2, 4])
     for w in (0.0, 1.0, 3.0):
-        out = classifier_free_guidance(net, labels, w)(x, t)
-        expected = 10 + w * (labels.float() - 10)
+        out = guided(_label_valued, classifier_free(Conditions(labels=labels), w))(x, t)
+        expected = 300 + 10 + w * (labels.float() - 10)  # eps(null) + w (eps(y) - eps(null))  (Ho & Salimans)
         assert torch.allclose(out[:, 0, 0, 0], expected)
+
+
+def test_guidance_is_one_batched_call_of_any_number_of_branches():
+    calls = []
+
+    def predict(x, t, cond):
+        calls.append(x.shape[0])
+        return _label_valued(x, t, cond)
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([1, 1])
+    branches = tuple(Conditions(labels=torch.tensor([k, k + 1])) for k in (0, 2, 4, NULL_LABEL + 0))
+    weights = (0.5, -1.25, 2.0, 0.75)
+    out = guided(predict, Guidance(branches, weights))(x, t)
+    assert calls == [8]  # four branches of two samples: one call
+    for i in range(2):
+        values = [100 + (10 if b.labels[i] == NULL_LABEL else b.labels[i].item()) for b in branches]
+        assert out[i, 0, 0, 0].item() == pytest.approx(sum(w * v for w, v in zip(weights, values, strict=True)))
+
+
+def test_unconditional_or_unit_scale_guidance_is_a_single_branch():
+    assert len(classifier_free(Conditions(), 3.0).branches) == 1
+    one = classifier_free(Conditions(labels=torch.tensor([1]), shared=True), 1.0)
+    assert one.weights == (1.0,) and one.branches[0].shared

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from condlora.diffusion import EpsilonLoss
+from condlora.diffusion import DDPM
 from condlora.train import EMA, StepBatchSampler, TrainingDiverged, lr_at, train
 from condlora.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest
 
@@ -102,15 +102,15 @@ def test_all_checkpoints_corrupt_is_an_error(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
     cfg = tiny_config()
     run = Path(cfg.train.out_dir)
-    original = EpsilonLoss.__call__
+    original = DDPM.loss
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if calls["n"] == 6 else loss
+        loss = original(self, *args, **kwargs)["loss"]
+        return {"loss": loss * float("nan") if calls["n"] == 6 else loss}
 
-    monkeypatch.setattr(EpsilonLoss, "__call__", poisoned)
+    monkeypatch.setattr(DDPM, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 6.*step-000000004"):
         train(cfg, run)
     ckpt = load_latest(run / "checkpoints")
@@ -141,7 +141,7 @@ def test_ema_follows_its_closed_form():
         ema.update(net, n)
         d = min(0.9, (1 + n) / (10 + n))
         expected = d * expected + (1 - d) * (n + 1)
-    assert torch.allclose(ema.shadow.weight, expected)
+    assert torch.allclose(ema.shadow["weight"], expected)
 
 
 def test_learning_rate_schedule(tiny_config):
@@ -174,16 +174,16 @@ def test_dataloader_workers_do_not_change_the_result(tiny_config, tmp_path):
 
 def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(tiny_config, monkeypatch):
     cfg = tiny_config()
-    original = EpsilonLoss.__call__
+    original = DDPM.loss
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
+        loss = original(self, *args, **kwargs)["loss"]
         # sqrt(0 * loss) adds 0 to the value, but its gradient is inf * 0 = nan
-        return loss + torch.sqrt(0 * loss) if calls["n"] == 6 else loss
+        return {"loss": loss + torch.sqrt(0 * loss) if calls["n"] == 6 else loss}
 
-    monkeypatch.setattr(EpsilonLoss, "__call__", poisoned)
+    monkeypatch.setattr(DDPM, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 6"):
         train(cfg, Path(cfg.train.out_dir))
     ckpt = load_latest(Path(cfg.train.out_dir) / "checkpoints")

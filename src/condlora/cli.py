@@ -53,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from condlora.nets import build_network, summarize
 
     cfg = _config_from_args(args)
-    print(summarize(build_network(cfg.model, cfg.diffusion.num_timesteps), cfg.model))
+    print(summarize(build_network(cfg), cfg))
 
 
 def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str]:

@@ -77,61 +77,54 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The denoising backbone."""
+    """The denoising network: which backbone, the images it takes, and how it is conditioned."""
 
-    backbone: Literal["nano"] = _field("nano", "network architecture from the backbone registry")
+    backbone: Literal["nano", "diffusers"] = _field(
+        "nano", "network architecture: nano (section nano) or a diffusers UNet read from train.init_from"
+    )
     image_size: int = _field(28, "input resolution the network is built for (square)")
     in_channels: int = _field(1, "image channels: 1 for grayscale, 3 for RGB")
     num_classes: int = _field(10, "number of classes for class conditioning; 0 for an unconditional model")
-    channels: int = _field(16, "width of the first resolution level")
-    channel_mult: tuple[int, ...] = _field((1, 2, 3), "width multiplier per resolution level, e.g. 1,2,3")
-    num_res_blocks: int = _field(1, "residual blocks per level on the way down (one more on the way up)")
-    attn_levels: tuple[int, ...] = _field((2,), "indices of the levels with self-attention, e.g. 2 or 1,2")
-    num_heads: int = _field(4, "attention heads; must divide the width of every attention level")
-    dropout: float = _field(0.0, "dropout probability in the residual blocks, in [0, 1)")
     conditioning: Literal["baseline", "lora_only", "with_lora", "adaln_attn"] = _field(
         "baseline",
         "baseline: scale-and-shift in residual blocks only; with_lora: plus LoRA on attention; lora_only: "
         "attention conditioned by LoRA alone (no scale-and-shift); adaln_attn: attention conditioned by adaLN "
         "instead (no scale-and-shift)",
     )
-    lora_rank: int = _field(4, "rank r of every LoRA adapter")
-    lora_targets: tuple[str, ...] = _field(("*.qkv", "*.proj"), "module-name patterns that get conditioned LoRA")
-    time_lora: Literal["none", "compositional", "noncompositional"] = _field(
-        "none", "TimeLoRA: none, compositional (time_bases bases mixed by an omega table) or one adapter per step"
-    )
-    time_bases: int = _field(11, "m + 1 basis adapters of compositional TimeLoRA, at t_i = 1 + i (T - 1) / m")
-    omega: Literal["fixed", "train"] = _field("fixed", "keep the omega table fixed or train it")
-    omega_init: Literal["linear", "onehot", "gaussian"] = _field(
-        "linear", "omega table initialisation (gaussian = N(0, 1), needs omega=train)"
-    )
-    class_lora: Literal["none", "select", "compositional"] = _field(
-        "none", "ClassLoRA: none, one adapter per class (select), or class_bases bases mixed by a trained table"
-    )
-    class_bases: int = _field(10, "bases of compositional ClassLoRA")
-    uc_bases: int = _field(0, "UC-LoRA: m bases mixed by an MLP of the shared embedding; 0 turns it off")
-    uc_widths: tuple[int, ...] = _field((128, 64), "hidden widths of each UC-LoRA MLP")
-    lora_bias: bool = _field(False, "add the zero-initialised per-basis bias of the published UC-LoRA code")
 
     def __post_init__(self) -> None:
         _check_fields(self, "model")
-        self._check_lora()
         _check(self.image_size >= 8, "model", "image_size", "must be >= 8", self.image_size)
         _check(self.in_channels in (1, 3), "model", "in_channels", "must be 1 or 3", self.in_channels)
         _check(self.num_classes >= 0, "model", "num_classes", "must be >= 0", self.num_classes)
-        _check(self.channels >= 4, "model", "channels", "must be >= 4", self.channels)
+
+
+@dataclass
+class NanoConfig:
+    """Architecture of the nano U-Net (model.backbone = nano)."""
+
+    channels: int = _field(16, "width of the first resolution level")
+    channel_mult: tuple[int, ...] = _field((1, 2, 3), "width multiplier per resolution level, e.g. 1,2,3")
+    num_res_blocks: int = _field(1, "residual blocks per level on the way down (one more on the way up)")
+    attn_levels: tuple[int, ...] = _field((2,), "indices of the levels with self-attention, e.g. 2 or 1,2")
+    num_heads: int = _field(4, "attention heads; must divide the width of every attention level")
+    dropout: float = _field(0.0, "dropout probability in the residual blocks, in [0, 1)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "nano")
+        _check(self.channels >= 4, "nano", "channels", "must be >= 4", self.channels)
         _check(
             len(self.channel_mult) > 0 and min(self.channel_mult) >= 1,
-            "model",
+            "nano",
             "channel_mult",
             "must be a non-empty list of integers >= 1",
             self.channel_mult,
         )
-        _check(self.num_res_blocks >= 1, "model", "num_res_blocks", "must be >= 1", self.num_res_blocks)
+        _check(self.num_res_blocks >= 1, "nano", "num_res_blocks", "must be >= 1", self.num_res_blocks)
         levels = len(self.channel_mult)
         _check(
             all(0 <= a < levels for a in self.attn_levels),
-            "model",
+            "nano",
             "attn_levels",
             f"each level must be in [0, {levels - 1}]",
             self.attn_levels,
@@ -141,89 +134,109 @@ class ModelConfig:
         }
         _check(
             self.num_heads >= 1 and all(w % self.num_heads == 0 for w in widths),
-            "model",
+            "nano",
             "num_heads",
             f"must divide the attention widths {sorted(widths)}",
             self.num_heads,
         )
-        _check(0 <= self.dropout < 1, "model", "dropout", "must be in [0, 1)", self.dropout)
+        _check(0 <= self.dropout < 1, "nano", "dropout", "must be in [0, 1)", self.dropout)
 
-    def _check_lora(self) -> None:
-        banks = self.time_lora != "none" or self.class_lora != "none" or self.uc_bases > 0
-        mode = self.conditioning
-        _check(
-            banks or mode not in ("with_lora", "lora_only"),
-            "model",
-            "conditioning",
-            "with_lora / lora_only need time_lora, class_lora or uc_bases",
-            mode,
-        )
-        _check(
-            not banks or mode in ("with_lora", "lora_only"),
-            "model",
-            "conditioning",
-            "LoRA banks are set, so conditioning must be with_lora or lora_only",
-            mode,
-        )
-        if mode == "lora_only" and self.uc_bases == 0:
-            _check(self.time_lora != "none", "model", "time_lora", "lora_only needs TimeLoRA or UC-LoRA", "none")
-            _check(
-                self.num_classes == 0 or self.class_lora != "none",
-                "model",
-                "class_lora",
-                "lora_only removes the class embedding: a class-conditional model needs ClassLoRA or UC-LoRA",
-                self.class_lora,
-            )
-        _check(
-            self.class_lora == "none" or self.num_classes > 0,
-            "model",
-            "class_lora",
-            "needs a class-conditional model (num_classes > 0)",
-            self.class_lora,
-        )
-        _check(self.lora_rank >= 1, "model", "lora_rank", "must be >= 1", self.lora_rank)
-        _check(self.time_bases >= 2, "model", "time_bases", "must be >= 2", self.time_bases)
-        _check(self.class_bases >= 1, "model", "class_bases", "must be >= 1", self.class_bases)
-        _check(self.uc_bases >= 0, "model", "uc_bases", "must be >= 0", self.uc_bases)
-        _check(len(self.lora_targets) > 0, "model", "lora_targets", "must name at least one pattern", self.lora_targets)
+
+@dataclass
+class LoRAConfig:
+    """Conditioned LoRA on the network's layers (TimeLoRA, ClassLoRA, UC-LoRA) and plain LoRA.
+
+    One set of names for the command line, the library (`condlora.lora.LoRASpec` adds the network's sizes)
+    and the adapter files.
+    """
+
+    targets: tuple[str, ...] = _field(
+        (), "module-name patterns that get LoRA (fnmatch); empty means the backbone's attention projections"
+    )
+    rank: int = _field(4, "rank r of every adapter")
+    alpha: float = _field(0.0, "the adapters' output is scaled by alpha / rank; 0 means alpha = rank (scale 1)")
+    time: Literal["none", "compositional", "noncompositional"] = _field(
+        "none", "TimeLoRA: none, compositional (time_bases bases mixed by an omega table) or one adapter per step"
+    )
+    time_bases: int = _field(11, "m + 1 basis adapters of compositional TimeLoRA, at t_i = 1 + i (T - 1) / m")
+    omega: Literal["fixed", "train"] = _field("fixed", "keep the omega table fixed or train it")
+    omega_init: Literal["linear", "onehot", "gaussian"] = _field(
+        "linear", "omega table initialisation (gaussian = N(0, 1), needs omega=train)"
+    )
+    classes: Literal["none", "select", "compositional"] = _field(
+        "none", "ClassLoRA: none, one adapter per class (select), or class_bases bases mixed by a trained table"
+    )
+    class_bases: int = _field(10, "bases of compositional ClassLoRA")
+    uc_bases: int = _field(0, "UC-LoRA: m bases mixed by an MLP of the shared embedding; 0 turns it off")
+    uc_widths: tuple[int, ...] = _field((128, 64), "hidden widths of each UC-LoRA MLP")
+    basis_bias: bool = _field(False, "add the zero-initialised per-basis bias of the published UC-LoRA code")
+    plain: bool = _field(False, "a plain, unconditioned LoRA adapter (omega = 1) on every target")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "lora")
+        _check(self.rank >= 1, "lora", "rank", "must be >= 1", self.rank)
+        _check(self.alpha >= 0, "lora", "alpha", "must be >= 0", self.alpha)
+        _check(self.time_bases >= 2, "lora", "time_bases", "must be >= 2", self.time_bases)
+        _check(self.class_bases >= 1, "lora", "class_bases", "must be >= 1", self.class_bases)
+        _check(self.uc_bases >= 0, "lora", "uc_bases", "must be >= 0", self.uc_bases)
         _check(
             self.omega_init != "gaussian" or self.omega == "train",
-            "model",
+            "lora",
             "omega_init",
             "gaussian needs omega=train",
             self.omega_init,
         )
 
+    @property
+    def conditioned(self) -> bool:
+        """Whether a conditioned bank (TimeLoRA, ClassLoRA or UC-LoRA) is enabled."""
+        return self.time != "none" or self.classes != "none" or self.uc_bases > 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any adapter (conditioned or plain) is enabled."""
+        return self.conditioned or self.plain
+
 
 @dataclass
 class DiffusionConfig:
-    """The discrete-time DDPM forward process and its training loss."""
+    """The diffusion family and what all families share."""
 
-    num_timesteps: int = _field(1000, "number of diffusion steps T")
-    schedule: Literal["linear", "cosine"] = _field("linear", "beta schedule")
-    beta_start: float = _field(1e-4, "first beta of the linear schedule (for T = 1000; rescaled for other T)")
-    beta_end: float = _field(0.02, "last beta of the linear schedule (for T = 1000; rescaled for other T)")
+    family: Literal["ddpm"] = _field("ddpm", "diffusion process: ddpm (section ddpm)")
     label_dropout: float = _field(
         0.1, "probability of replacing a label by the null class in training (classifier-free guidance)"
     )
 
     def __post_init__(self) -> None:
         _check_fields(self, "diffusion")
-        _check(self.num_timesteps >= 2, "diffusion", "num_timesteps", "must be >= 2", self.num_timesteps)
-        _check(0 < self.beta_start < 1, "diffusion", "beta_start", "must be in (0, 1)", self.beta_start)
-        _check(
-            self.beta_start <= self.beta_end and self.beta_end * 1000 / self.num_timesteps < 1,
-            "diffusion",
-            "beta_end",
-            "must be >= beta_start and keep rescaled betas below 1",
-            self.beta_end,
-        )
         _check(
             0 <= self.label_dropout <= 1,
             "diffusion",
             "label_dropout",
             "must be in [0, 1]",
             self.label_dropout,
+        )
+
+
+@dataclass
+class DDPMConfig:
+    """The discrete-time DDPM forward process (diffusion.family = ddpm)."""
+
+    num_timesteps: int = _field(1000, "number of diffusion steps T")
+    schedule: Literal["linear", "cosine"] = _field("linear", "beta schedule")
+    beta_start: float = _field(1e-4, "first beta of the linear schedule (for T = 1000; rescaled for other T)")
+    beta_end: float = _field(0.02, "last beta of the linear schedule (for T = 1000; rescaled for other T)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "ddpm")
+        _check(self.num_timesteps >= 2, "ddpm", "num_timesteps", "must be >= 2", self.num_timesteps)
+        _check(0 < self.beta_start < 1, "ddpm", "beta_start", "must be in (0, 1)", self.beta_start)
+        _check(
+            self.beta_start <= self.beta_end and self.beta_end * 1000 / self.num_timesteps < 1,
+            "ddpm",
+            "beta_end",
+            "must be >= beta_start and keep rescaled betas below 1",
+            self.beta_end,
         )
 
 
@@ -250,6 +263,12 @@ class TrainConfig:
     deterministic: bool = _field(
         False, "deterministic algorithms, so a resumed GPU run is bit-exact (slower); CPU runs are always exact"
     )
+    trainable: tuple[str, ...] = _field(
+        ("all",), "what trains: all, lora (adapters and their strategies), or parameter-name patterns (fnmatch)"
+    )
+    init_from: str = _field(
+        "", "initialise the base network from a condlora run / checkpoint, or a local diffusers model folder"
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")
@@ -262,6 +281,7 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train", "grad_clip", "must be >= 0", self.grad_clip)
         _check(0 <= self.ema_decay < 1, "train", "ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(self.keep_checkpoints >= 1, "train", "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+        _check(len(self.trainable) > 0, "train", "trainable", "must name all, lora or some patterns", self.trainable)
 
 
 @dataclass
@@ -291,10 +311,14 @@ class SampleConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
+    "nano": NanoConfig,
+    "lora": LoRAConfig,
     "diffusion": DiffusionConfig,
+    "ddpm": DDPMConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
 }
+CONFIG_VERSION = 2  # written into config.json and checkpoints; 0.1 files have none (version 1)
 
 
 @dataclass
@@ -303,25 +327,24 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    nano: NanoConfig = field(default_factory=NanoConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        self._check_conditioning()
+        T = self.ddpm.num_timesteps
         _check(
-            self.model.time_bases <= self.diffusion.num_timesteps,
-            "model",
+            self.lora.time != "compositional" or self.lora.time_bases <= T,
+            "lora",
             "time_bases",
-            f"must be <= diffusion.num_timesteps = {self.diffusion.num_timesteps}",
-            self.model.time_bases,
+            f"must be <= ddpm.num_timesteps = {T}",
+            self.lora.time_bases,
         )
-        _check(
-            self.sample.steps <= self.diffusion.num_timesteps,
-            "sample",
-            "steps",
-            f"must be <= diffusion.num_timesteps = {self.diffusion.num_timesteps}",
-            self.sample.steps,
-        )
+        _check(self.sample.steps <= T, "sample", "steps", f"must be <= ddpm.num_timesteps = {T}", self.sample.steps)
         _check(
             self.sample.class_label < max(self.model.num_classes, 1) or self.sample.class_label == -1,
             "sample",
@@ -329,10 +352,51 @@ class RunConfig:
             f"must be -1 or in [0, {self.model.num_classes - 1}]",
             self.sample.class_label,
         )
+        _check(
+            self.model.backbone != "diffusers" or bool(self.train.init_from),
+            "train",
+            "init_from",
+            "the diffusers backbone is read from a local model folder: give its path",
+            self.train.init_from,
+        )
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain nested dict (JSON-ready)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    def _check_conditioning(self) -> None:
+        banks, mode, lora = self.lora.conditioned, self.model.conditioning, self.lora
+        _check(
+            banks or mode not in ("with_lora", "lora_only"),
+            "model",
+            "conditioning",
+            "with_lora / lora_only need lora.time, lora.classes or lora.uc_bases",
+            mode,
+        )
+        _check(
+            not banks or mode in ("with_lora", "lora_only"),
+            "model",
+            "conditioning",
+            "conditioned LoRA banks are set, so conditioning must be with_lora or lora_only",
+            mode,
+        )
+        if mode == "lora_only" and lora.uc_bases == 0:
+            _check(lora.time != "none", "lora", "time", "lora_only needs TimeLoRA or UC-LoRA", "none")
+            _check(
+                self.model.num_classes == 0 or lora.classes != "none",
+                "lora",
+                "classes",
+                "lora_only removes the class embedding: a class-conditional model needs ClassLoRA or UC-LoRA",
+                lora.classes,
+            )
+        _check(
+            lora.classes == "none" or self.model.num_classes > 0,
+            "lora",
+            "classes",
+            "needs a class-conditional model (model.num_classes > 0)",
+            lora.classes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-ready), with the config version."""
+        sections = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {"config_version": CONFIG_VERSION, **sections}
 
     @classmethod
     def from_dict(
@@ -340,6 +404,7 @@ class RunConfig:
     ) -> RunConfig:
         """Inverse of `to_dict`, with `overrides` ({section: {field: value}}) applied on top; unknown
         sections or fields raise ConfigError. Values may be strings (from the command line)."""
+        data = upgrade(data)
         merged = {section: dict(values) for section, values in data.items()}
         for section, values in (overrides or {}).items():
             merged.setdefault(section, {}).update(values)
@@ -347,6 +412,54 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {list(SECTIONS)}")
         return cls(**{name: make_section(name, merged.get(name, {})) for name in SECTIONS})
+
+
+# condlora 0.1 (config version 1) kept the nano architecture and the LoRA settings in `model` and the DDPM
+# settings in `diffusion`; version 2 gives each its own section. Old name -> (new section, new name).
+_MOVED_IN_V2 = {
+    "model": {
+        **{name: ("nano", name) for name in ("channels", "channel_mult", "num_res_blocks", "attn_levels")},
+        "num_heads": ("nano", "num_heads"),
+        "dropout": ("nano", "dropout"),
+        "lora_rank": ("lora", "rank"),
+        "lora_targets": ("lora", "targets"),
+        "time_lora": ("lora", "time"),
+        "time_bases": ("lora", "time_bases"),
+        "omega": ("lora", "omega"),
+        "omega_init": ("lora", "omega_init"),
+        "class_lora": ("lora", "classes"),
+        "class_bases": ("lora", "class_bases"),
+        "uc_bases": ("lora", "uc_bases"),
+        "uc_widths": ("lora", "uc_widths"),
+        "lora_bias": ("lora", "basis_bias"),
+    },
+    "diffusion": {name: ("ddpm", name) for name in ("num_timesteps", "schedule", "beta_start", "beta_end")},
+}
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration in the current layout: version 2 as is, 0.1's (no version) with its fields moved
+    to their new sections; any other version is an error naming it. Dicts without sections pass through."""
+    data = dict(data)
+    version = data.pop("config_version", None)
+    if version == CONFIG_VERSION:
+        return data
+    if version is not None:
+        raise ConfigError(
+            f"config version {version!r} is not supported; this condlora reads versions 1 (condlora 0.1) "
+            f"and {CONFIG_VERSION}"
+        )
+    if not any(old in data.get(section, {}) for section, moves in _MOVED_IN_V2.items() for old in moves):
+        return data  # a partial dict (a preset, overrides): nothing to move
+    out = {section: dict(values) for section, values in data.items()}
+    for section, moves in _MOVED_IN_V2.items():
+        for old, (new_section, new) in moves.items():
+            if old in out.get(section, {}):
+                out.setdefault(new_section, {})[new] = out[section].pop(old)
+    targets = out.get("lora", {}).get("targets")
+    if targets is not None and tuple(targets) == ("*.qkv", "*.proj"):
+        out["lora"]["targets"] = ()  # 0.1 spelled out the nano attention projections, the default now
+    return out
 
 
 def differences(before: Any, after: Any, section: str) -> list[str]:

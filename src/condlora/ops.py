@@ -13,7 +13,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
     Narrow networks must not fall back to one channel per group: that is instance norm, which erases
     each channel's mean, the global brightness the denoiser has to predict.
     """
-    groups = math.gcd(32, max(channels // 4, 1))
+    groups = math.gcd(32, max(channels // 4, 1), channels)  # the last term: widths such as 50 that 4 does not divide
     return nn.GroupNorm(groups, channels)
 
 

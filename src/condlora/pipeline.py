@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import RunConfig, SampleConfig
 from condlora.data import read_npz, unscale
-from condlora.diffusion import schedule_for
+from condlora.diffusion import process_for
 from condlora.diffusion.generate import generate
 from condlora.eval.images import save_grid, save_samples_npz
-from condlora.nets import build_network
 from condlora.train.checkpoint import Checkpoint, resolve_checkpoint
+from condlora.train.weights import restore_network
 
 
 def load_model(
@@ -23,9 +25,7 @@ def load_model(
 ) -> tuple[nn.Module, RunConfig, Checkpoint]:
     """Rebuild the network of a checkpoint (a run directory or one checkpoint directory) in eval mode."""
     ckpt = resolve_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(ckpt.state["config"])
-    net = build_network(cfg.model, cfg.diffusion.num_timesteps)
-    net.load_state_dict(ckpt.tensors["ema" if use_ema else "model"])
+    net, cfg = restore_network(ckpt, use_ema)
     return net.to(device).eval(), cfg, ckpt
 
 
@@ -41,7 +41,7 @@ def sample_to_files(
     m = cfg.model
     images, labels = generate(
         net,
-        schedule_for(cfg),
+        process_for(cfg),
         sample,
         (m.in_channels, m.image_size, m.image_size),
         m.num_classes,
@@ -59,7 +59,7 @@ def with_sample_overrides(cfg: RunConfig, **overrides) -> SampleConfig:
     """The run's sample section with the given non-None fields replaced (validated)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     sample = dataclasses.replace(cfg.sample, **given)
-    RunConfig(cfg.data, cfg.model, cfg.diffusion, cfg.train, sample)  # cross-section checks
+    dataclasses.replace(cfg, sample=sample)  # cross-section checks
     return sample
 
 
@@ -98,21 +98,23 @@ def class_path_grids(
 ) -> list[Path]:
     """Interpolation (alpha c_first + (1 - alpha) c_second) and extrapolation (beta c_first, beta in [-1, 1])
     grids: each row keeps one seed across its columns, so only the class input changes along a row."""
-    from condlora.diffusion import PerSampleNoise, ddim_sample
-    from condlora.diffusion.guidance import class_vector_guidance
+    from condlora.diffusion import PerSampleNoise, classifier_free, ddim_sample, guided
     from condlora.eval.plots import class_path_vectors
 
     m, s = cfg.model, cfg.sample
     for name, c in (("first", first), ("second", second)):
         if not 0 <= c < m.num_classes:
             raise ValueError(f"class {name}={c} out of range: the model has {m.num_classes} classes")
+    process = process_for(cfg)
+    predict = functools.partial(process.predict, net)
     paths = []
     for kind, vectors in class_path_vectors(m.num_classes, first, second, columns).items():
+        cond = Conditions(labels=torch.full((columns,), NULL_LABEL, device=device), class_vector=vectors.to(device))
+        eps = guided(predict, classifier_free(cond, s.guidance_scale))
         images = []
         for row in range(rows):
             noise = PerSampleNoise([s.seed + row] * columns, device)
-            eps = class_vector_guidance(net, vectors.to(device), s.guidance_scale)
-            x = ddim_sample(eps, schedule_for(cfg), noise, (m.in_channels, m.image_size, m.image_size), s.steps)
+            x = ddim_sample(eps, process.schedule, noise, (m.in_channels, m.image_size, m.image_size), s.steps)
             images.append(unscale(x.clamp(-1, 1)))
         grid = np.concatenate(images)
         paths.append(save_grid(grid, out_dir / f"class-{kind}-{first}-{second}.png", nrow=columns))
@@ -137,7 +139,7 @@ def lora_figures(
         time_layers,
     )
 
-    T = cfg.diffusion.num_timesteps
+    T = cfg.ddpm.num_timesteps
     if reference_t is not None and not 0 <= reference_t < T:
         raise ValueError(f"reference_t must be in [0, {T - 1}], got {reference_t}")
     paths, per_layer = [], {}

@@ -1,21 +1,26 @@
-"""The diffusion layer: schedules, losses, samplers and guidance. Networks never see a schedule."""
+"""The diffusion layer: processes (losses, what the network is fed), samplers and guidance.
 
-from condlora.diffusion.guidance import classifier_free_guidance, conditioned
-from condlora.diffusion.losses import EpsilonLoss, UniformTimestepSampler
+Networks never see a schedule."""
+
+from condlora.diffusion.guidance import Guidance, classifier_free, guided, null_condition
+from condlora.diffusion.process import DDPM, UniformTimestepSampler, process_for
 from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample, respaced_timesteps
 from condlora.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, schedule_for
 
 __all__ = [
-    "EpsilonLoss",
+    "DDPM",
+    "Guidance",
     "NoiseSchedule",
     "PerSampleNoise",
     "UniformTimestepSampler",
-    "classifier_free_guidance",
-    "conditioned",
+    "classifier_free",
     "cosine_betas",
     "ddim_sample",
     "ddpm_sample",
+    "guided",
     "linear_betas",
+    "null_condition",
+    "process_for",
     "respaced_timesteps",
     "schedule_for",
 ]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 import torch
 from tqdm.auto import tqdm
 
+from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import SampleConfig
-from condlora.diffusion.guidance import classifier_free_guidance
+from condlora.diffusion.guidance import classifier_free, guided
+from condlora.diffusion.process import DDPM, Network
 from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample
-from condlora.diffusion.schedules import NoiseSchedule
-from condlora.nets.unet import NULL_LABEL
 
 
 def sample_labels(cfg: SampleConfig, num_classes: int) -> torch.Tensor:
@@ -25,10 +25,19 @@ def sample_labels(cfg: SampleConfig, num_classes: int) -> torch.Tensor:
     return torch.arange(cfg.count) % num_classes
 
 
+def batch_conditions(labels: torch.Tensor, num_classes: int, device: torch.device | str) -> Conditions:
+    """The conditions of one sampling batch; `shared` when every sample has the same label (read from the
+    host copy of the labels, so no device is synchronised)."""
+    shared = bool((labels == labels[0]).all())
+    if num_classes == 0:
+        return Conditions(shared=True)
+    return Conditions(labels=labels.to(device), shared=shared)
+
+
 @torch.no_grad()
 def generate(
-    net: Callable[..., torch.Tensor],
-    schedule: NoiseSchedule,
+    net: Network,
+    process: DDPM,
     cfg: SampleConfig,
     image_shape: tuple[int, int, int],
     num_classes: int,
@@ -38,8 +47,8 @@ def generate(
     """Sample `cfg.count` images; sample i uses seed `cfg.seed + i` whatever the batch size.
 
     Args:
-        net: eps-prediction network `net(x, t, labels)`, in eval mode.
-        schedule: the noise schedule it was trained with.
+        net: `net(x, noise_level, cond)`, in eval mode.
+        process: the diffusion process it was trained with.
         cfg: sampler, steps, eta, guidance scale, count, class, seed and batch size.
         image_shape: (C, H, W).
         num_classes: classes of the model (0 when unconditional).
@@ -49,16 +58,17 @@ def generate(
         images (count, C, H, W) in [-1, 1] on the CPU and labels (count,) int64 (NULL_LABEL if unconditional).
     """
     labels = sample_labels(cfg, num_classes)
+    predict = functools.partial(process.predict, net)
     chunks = []
     starts = range(0, cfg.count, cfg.batch_size)
     for start in tqdm(starts, disable=not progress, desc="sampling", unit="batch"):
         batch_labels = labels[start : start + cfg.batch_size]
         noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
-        cond = batch_labels.to(device) if num_classes > 0 else None
-        eps_fn = classifier_free_guidance(net, cond, cfg.guidance_scale)
+        cond = batch_conditions(batch_labels, num_classes, device)
+        eps_fn = guided(predict, classifier_free(cond, cfg.guidance_scale))
         if cfg.sampler == "ddpm":
-            x = ddpm_sample(eps_fn, schedule, noise, image_shape, steps=cfg.steps)
+            x = ddpm_sample(eps_fn, process.schedule, noise, image_shape, steps=cfg.steps)
         else:
-            x = ddim_sample(eps_fn, schedule, noise, image_shape, steps=cfg.steps, eta=cfg.eta)
+            x = ddim_sample(eps_fn, process.schedule, noise, image_shape, steps=cfg.steps, eta=cfg.eta)
         chunks.append(x.clamp(-1, 1).cpu())
     return torch.cat(chunks), labels

@@ -1,67 +1,88 @@
-"""Guidance as combinations of denoisers (classifier-free guidance, Ho & Salimans 2022)."""
+"""Guidance as one batched combination of predictions (classifier-free guidance, Ho & Salimans 2022).
+
+A `Guidance` lists branches (the conditions of each prediction) and weights; `guided` evaluates every
+branch in one batched call of the prediction function and returns sum_k weight_k * D(x, t | branch_k).
+Classifier-free guidance is two branches, (cond, null) with weights (w, 1 - w); AutoLoRA's four
+branches (base and LoRA, each with and without the class) are the same call with other weights.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from condlora.nets.unet import NULL_LABEL
+from condlora.conditions import NULL_LABEL, Conditions
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) -> eps (B,C,H,W)
-
-
-def conditioned(net: Callable[..., torch.Tensor], labels: torch.Tensor | None) -> EpsFn:
-    """Bind class labels to a network: eps(x, t) = net(x, t, labels)."""
-    return lambda x, t: net(x, t, labels)
+Predict = Callable[[torch.Tensor, torch.Tensor, Conditions], torch.Tensor]  # D(x, t, cond)
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # D(x, t) with the conditions bound
 
 
-def classifier_free_guidance(
-    net: Callable[..., torch.Tensor],
-    labels: torch.Tensor | None,
-    guidance_scale: float,
-) -> EpsFn:
-    """eps^w = eps(x, t, null) + w * (eps(x, t, y) - eps(x, t, null)).
+@dataclass(frozen=True)
+class Guidance:
+    """sum_k weights[k] * D(x, t | branches[k]).
 
-    w = 1 is the plain conditional model, w = 0 the unconditional one, w > 1 strengthens the class. Both
-    branches run in one batched call of the network.
+    Attributes:
+        branches: the conditions of each prediction, each for the same B samples.
+        weights: one real weight per branch (they need not sum to 1).
+    """
+
+    branches: tuple[Conditions, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.branches) != len(self.weights) or not self.branches:
+            raise ValueError(f"guidance needs one weight per branch, got {len(self.weights)} for {len(self.branches)}")
+
+
+def null_condition(cond: Conditions) -> Conditions:
+    """The unconditional branch of `cond`: every label NULL_LABEL, no class vector."""
+    size = cond.batch_size()
+    like = cond.labels if cond.labels is not None else cond.class_vector
+    null = torch.full((size,), NULL_LABEL, dtype=torch.long, device=like.device)
+    return cond.replace(labels=null, class_vector=None)
+
+
+def classifier_free(cond: Conditions, guidance_scale: float) -> Guidance:
+    """Classifier-free guidance eps^w = w * eps(x, t | y) + (1 - w) * eps(x, t | null)  (Ho & Salimans eq. 6).
+
+    w = 1 is the plain conditional model (one branch), w = 0 the unconditional one, w > 1 strengthens the
+    class. An unconditional `cond` (no labels, no class vector) is one branch whatever the scale.
+    """
+    if guidance_scale == 1.0 or (cond.labels is None and cond.class_vector is None):
+        return Guidance((cond,), (1.0,))
+    return Guidance((cond, null_condition(cond)), (guidance_scale, 1.0 - guidance_scale))
+
+
+def guided(predict: Predict, guidance: Guidance) -> Denoiser:
+    """D(x, t) = sum_k w_k predict(x, t, branch_k), all branches in one batched call of `predict`.
+
+    Branches whose conditions carry different fields (a class vector beside the null label) cannot share
+    a batch; they are evaluated one call each.
 
     Args:
-        net: eps-prediction network trained with label dropout.
-        labels: (B,) class labels; None (unconditional model) ignores the scale.
-        guidance_scale: w.
+        predict: `predict(x, t, cond)`, e.g. `functools.partial(process.predict, net)`.
+        guidance: branches and weights.
+    Returns:
+        A denoiser `D(x, t)` for the samplers; x (B, ...), t (B,).
     """
-    if labels is None or guidance_scale == 1.0:
-        return conditioned(net, labels)
-    null = torch.full_like(labels, NULL_LABEL)
+    branches, weights = guidance.branches, guidance.weights
+    k = len(branches)
+    if k == 1:
+        cond, weight = branches[0], weights[0]
+        return lambda x, t: predict(x, t, cond) if weight == 1.0 else weight * predict(x, t, cond)
+    batched = Conditions.concatenable(branches)
+    cond = Conditions.cat(branches) if batched else None
 
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-        cond, uncond = both.chunk(2)
-        return uncond.lerp(cond, guidance_scale)
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if batched:
+            parts = predict(torch.cat([x] * k), torch.cat([t] * k), cond).chunk(k)
+        else:
+            parts = [predict(x, t, branch) for branch in branches]
+        out = weights[0] * parts[0]
+        for w, part in zip(weights[1:], parts[1:], strict=True):
+            out = out + w * part
+        return out
 
-    return eps
-
-
-def class_vector_guidance(
-    net: Callable[..., torch.Tensor],
-    class_vector: torch.Tensor,
-    guidance_scale: float,
-) -> EpsFn:
-    """Classifier-free guidance towards a real-valued class vector (interpolation / extrapolation, paper
-    sec. 5.6): eps^w = eps(x, t, null) + w * (eps(x, t, class_vector) - eps(x, t, null)).
-
-    Args:
-        net: a network accepting `class_vector` (B, C) in place of labels.
-        class_vector: (B, C) weights over classes, any real values.
-        guidance_scale: w.
-    """
-    null = torch.full((class_vector.shape[0],), NULL_LABEL, dtype=torch.long, device=class_vector.device)
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = net(x, t, null, class_vector=class_vector)
-        if guidance_scale == 1.0:
-            return cond
-        return net(x, t, null).lerp(cond, guidance_scale)
-
-    return eps
+    return denoise

@@ -1,6 +1,7 @@
 """Samplers for discrete-time eps-prediction models: ancestral DDPM and DDIM, with any number of steps.
 
-Each sampler is a plain function over an `eps(x_t, t)` callable and a schedule. Timesteps are 0-based
+Each sampler is a plain function over a denoiser `eps(x_t, t)` (conditions and guidance bound, see
+`condlora.diffusion.guidance.guided`) and a schedule. Timesteps are 0-based
 throughout condlora: t in [0, T), where t = 0 is the papers' step 1 (least noise) and t = T - 1 their step T;
 a caller counting 1..T must subtract one. Randomness comes from
 `PerSampleNoise`, one generator per sample, so a sample depends on its seed alone, not on the batch it
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from condlora.diffusion.guidance import EpsFn
+from condlora.diffusion.guidance import Denoiser
 from condlora.diffusion.schedules import NoiseSchedule
 
 
@@ -47,10 +48,10 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 
 def _predict_x0(
-    eps_fn: EpsFn, x: torch.Tensor, t: int, ab: float, clip_denoised: bool
+    eps_fn: Denoiser, x: torch.Tensor, t: int, ab: float, clip_denoised: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x0_hat, eps_hat); when clipping x0 to [-1, 1], eps is recomputed to stay consistent."""
-    t_batch = torch.full((x.shape[0],), float(t), device=x.device)  # float32 step index
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # 0-based step index
     eps = eps_fn(x, t_batch)
     x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5  # invert q(x_t | x_0) (Ho et al. eq. 4)
     if clip_denoised:
@@ -69,7 +70,7 @@ def _step_pairs(schedule: NoiseSchedule, steps: int | None) -> list[tuple[int, f
 
 @torch.no_grad()
 def ddpm_sample(
-    eps_fn: EpsFn,
+    eps_fn: Denoiser,
     schedule: NoiseSchedule,
     noise: PerSampleNoise,
     shape: Sequence[int],
@@ -83,7 +84,7 @@ def ddpm_sample(
     beta_t = 1 - alpha_bar_t / alpha_bar_prev and the posterior variance beta~_t.
 
     Args:
-        eps_fn: eps(x_t, t) with t (B,) the 0-based step index in [0, T) as a float (T - 1 first, 0 last).
+        eps_fn: eps(x_t, t) with t (B,) the int64 0-based step index in [0, T) (T - 1 first, 0 last).
         schedule: the training noise schedule.
         noise: per-sample noise; the batch size is len(noise.generators).
         shape: (C, H, W) of one image.
@@ -105,7 +106,7 @@ def ddpm_sample(
 
 @torch.no_grad()
 def ddim_sample(
-    eps_fn: EpsFn,
+    eps_fn: Denoiser,
     schedule: NoiseSchedule,
     noise: PerSampleNoise,
     shape: Sequence[int],

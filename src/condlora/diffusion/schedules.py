@@ -101,8 +101,8 @@ class NoiseSchedule:
 
 
 def schedule_for(cfg: RunConfig) -> NoiseSchedule:
-    """The noise schedule a run's `diffusion` section describes (used for training and sampling alike)."""
-    d = cfg.diffusion
+    """The noise schedule a run's `ddpm` section describes (used for training and sampling alike)."""
+    d = cfg.ddpm
     return NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from condlora.lora import ConditionedLoRA, Conditions, conditioned_layers
+from condlora.conditions import NULL_LABEL, Conditions
+from condlora.lora import ConditionedLoRA, conditioned_layers
 from condlora.lora.strategies import basis_timesteps
 
 
@@ -38,9 +39,10 @@ def omega_over_time(net: nn.Module, layer: ConditionedLoRA, num_timesteps: int) 
     if "time" in layer.strategies:
         return layer.strategies["time"].table.detach().float().cpu()
     if "uc" in layer.strategies:
-        t = torch.arange(num_timesteps, dtype=torch.float32)
-        emb = net.embed(t, torch.full((num_timesteps,), -1, dtype=torch.long))
-        return layer.strategies["uc"](Conditions(embedding=emb)).float().cpu()
+        t = torch.arange(num_timesteps, dtype=torch.float32)  # the DDPM noise level of step t
+        null = Conditions(labels=torch.full((num_timesteps,), NULL_LABEL, dtype=torch.long))
+        emb = net.embed(t, null, layer.lora_down.dtype)
+        return layer.strategies["uc"](null.replace(embedding=emb)).float().cpu()
     raise ValueError("this layer has no time-dependent LoRA bank (TimeLoRA or UC-LoRA)")
 
 

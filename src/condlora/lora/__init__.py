@@ -1,9 +1,11 @@
 """Conditioned LoRA: layers, conditioning strategies (TimeLoRA, ClassLoRA, UC-LoRA) and injection."""
 
+from condlora.conditions import NULL_LABEL, Conditions
 from condlora.lora.inject import (
     bind_conditions,
     conditioned_layers,
     inject_conditioned_lora,
+    inject_lora,
     load_lora,
     lora_state_dict,
     merge_lora,
@@ -16,7 +18,7 @@ from condlora.lora.strategies import (
     UCMLP,
     ClassSelect,
     ClassTable,
-    Conditions,
+    PlainLoRA,
     TimeTable,
     basis_timesteps,
     linear_interpolation_table,
@@ -29,12 +31,15 @@ __all__ = [
     "ClassTable",
     "ConditionedLoRA",
     "LoRASpec",
+    "NULL_LABEL",
     "Conditions",
+    "PlainLoRA",
     "TimeTable",
     "basis_timesteps",
     "bind_conditions",
     "conditioned_layers",
     "inject_conditioned_lora",
+    "inject_lora",
     "linear_interpolation_table",
     "load_lora",
     "lora_state_dict",

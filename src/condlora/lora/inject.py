@@ -21,8 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from condlora.conditions import Conditions
 from condlora.lora.layer import ConditionedLoRA
-from condlora.lora.strategies import Conditions
+from condlora.lora.spec import LoRASpec
 
 StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -39,6 +40,7 @@ def inject_conditioned_lora(
     strategies: StrategyFactory,
     rank: int = 4,
     basis_bias: bool = False,
+    alpha: float | None = None,
 ) -> list[str]:
     """Replace every module whose qualified name matches one of `targets` (fnmatch patterns such as
     "*.qkv" or "*attn1.to_q") by a ConditionedLoRA wrapping it.
@@ -49,6 +51,7 @@ def inject_conditioned_lora(
         strategies: called as strategies(name, base_layer) -> {bank name: strategy}, fresh per layer.
         rank: r.
         basis_bias: add the per-basis bias.
+        alpha: scale the adapters by alpha / r (None: alpha = r).
     Returns:
         The names of the wrapped modules; an error if none matched.
     """
@@ -66,9 +69,16 @@ def inject_conditioned_lora(
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = ConditionedLoRA(module, strategies(name, module), rank=rank, basis_bias=basis_bias)
+        layer = ConditionedLoRA(module, strategies(name, module), rank=rank, alpha=alpha, basis_bias=basis_bias)
         setattr(parent, child, layer.to(device=module.weight.device, dtype=module.weight.dtype))
     return [name for name, _ in found]
+
+
+def inject_lora(model: nn.Module, spec: LoRASpec) -> list[ConditionedLoRA]:
+    """Wrap the modules `spec.targets` names with the adapters and strategies `spec` describes; returns the
+    layers (in module order) so a backbone can bind conditions to them on every call."""
+    inject_conditioned_lora(model, spec.targets, spec.strategies, spec.rank, spec.basis_bias, spec.alpha or None)
+    return [layer for _, layer in conditioned_layers(model)]
 
 
 def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]]:

@@ -1,11 +1,13 @@
 """The conditioned LoRA layer: a base layer plus a bank of rank-r adapters mixed per sample by omega.
 
-out = base(x) + sum_i omega_i B_i A_i x  (+ sum_i omega_i b_i with the optional per-basis bias)
+out = base(x) + s * sum_i omega_i B_i A_i x  (+ s * sum_i omega_i b_i with the optional per-basis bias)
 
+where s = lora_scale * alpha / r (the per-sample LoRA scale of the call times the layer's fixed scaling).
 All adapters are stacked into one down projection A (r*M x C_in) and one up projection B (C_out x r*M), so
 the per-sample sum is a single rank-(r*M) product scaled by omega repeated r times: no per-sample weight
-is ever built. When every sample of a batch has the same omega (sampling at one timestep and one class),
-the weighted delta is merged into the base weight once for that call instead.
+is ever built. When the caller vouches that every sample shares one condition (`Conditions.shared`), the
+weighted delta is merged into the base weight once for that call instead. No path reads a tensor on the
+host: which path runs depends only on Python-level facts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.lora.strategies import Conditions
+from condlora.conditions import Conditions
 
 
 def _layer_shape(base: nn.Module) -> tuple[int, int, int]:
@@ -34,11 +36,12 @@ class ConditionedLoRA(nn.Module):
 
     Args:
         base_layer: nn.Linear (channels last) or 1x1 nn.Conv1d / nn.Conv2d (channels at dim 1).
-        strategies: name -> strategy module with `num_bases`; their omegas are concatenated, so time and
-            class banks can share one layer.
+        strategies: name -> strategy module with `num_bases`, called as `strategy(cond, x)`; their omegas
+            are concatenated, so time and class banks (or any mix) share one layer.
         rank: r of every adapter.
+        alpha: the adapters' output is scaled by alpha / r; None means alpha = r (scale 1, as in the
+            conditioning papers).
         basis_bias: add the zero-initialised per-basis bias (r*M, C_out) of the published UC-LoRA code.
-        merge_shared: when all samples share omega, merge the delta into the weight for the call.
 
     A ~ N(0, (1/r)^2) (std 1/r, as in the published code) and B = 0, so a fresh layer equals its base.
     Conditions are set per call by `bind_conditions` (see `condlora.lora.inject`).
@@ -49,15 +52,15 @@ class ConditionedLoRA(nn.Module):
         base_layer: nn.Module,
         strategies: dict[str, nn.Module],
         rank: int = 4,
+        alpha: float | None = None,
         basis_bias: bool = False,
-        merge_shared: bool = True,
     ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base_layer = base_layer
         self.c_in, self.c_out, self.channel_dim = _layer_shape(base_layer)
-        self.rank, self.merge_shared = rank, merge_shared
+        self.rank, self.scaling = rank, (alpha if alpha is not None else rank) / rank
         self.strategies = nn.ModuleDict(strategies)
         self.num_bases = sum(s.num_bases for s in self.strategies.values())
         width = rank * self.num_bases
@@ -67,35 +70,62 @@ class ConditionedLoRA(nn.Module):
         self.conditions: Conditions | None = None
         self.merged = False
 
-    def omega(self, cond: Conditions) -> torch.Tensor:
-        """(B, M) mixing weights, the strategies' outputs side by side."""
-        return torch.cat([s(cond) for s in self.strategies.values()], dim=1)
+    def omega(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
+        """Mixing weights times the LoRA scale: (B, M), or per position in x's layout (x's shape with M channels)
+        when a strategy reads every position of the input."""
+        parts = [s(cond, x) for s in self.strategies.values()]
+        dim = 1
+        if any(p.dim() > 2 for p in parts):  # per-position weights: bring the per-sample ones to that shape
+            shape = next(p.shape for p in parts if p.dim() > 2)
+            parts = [p if p.dim() > 2 else self._broadcast(p, x).expand(self._with_channels(shape, p)) for p in parts]
+            dim = self.channel_dim
+        omega = torch.cat([p.to(x.dtype) for p in parts], dim=dim)
+        if cond.lora_scale is not None:
+            omega = omega * cond.lora_scale.to(x.dtype).reshape(-1, *([1] * (omega.dim() - 1)))
+        return omega * self.scaling if self.scaling != 1.0 else omega
+
+    def _with_channels(self, shape: torch.Size, part: torch.Tensor) -> list[int]:
+        """`shape` with its channel dimension set to the number of bases of `part`."""
+        sizes = list(shape)
+        sizes[self.channel_dim] = part.shape[1]
+        return sizes
 
     def delta_weight(self, omega: torch.Tensor) -> torch.Tensor:
         """sum_i omega_i B_i A_i for one omega (M,), as a (C_out, C_in) matrix."""
         return self.lora_up @ (omega.repeat_interleave(self.rank)[:, None] * self.lora_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            if self.conditions is not None and not bool((self.omega(self.conditions) == self._merged_omega).all()):
-                raise ValueError("this layer is merged for one condition but was called with others; unmerge() first")
-            return self.base_layer(x)
-        if self.conditions is None:
+        cond = self.conditions
+        if cond is None:
+            if self.merged:  # a layer merged for one condition serves it without conditions
+                return self.base_layer(x)
             raise RuntimeError("conditioned LoRA called without conditions; wrap the call in bind_conditions()")
-        omega = self.omega(self.conditions).to(x.dtype)  # (B, M)
-        if omega.shape[0] != x.shape[0]:
-            raise ValueError(f"conditions are for {omega.shape[0]} samples but the input has {x.shape[0]}")
-        if self.merge_shared and bool((omega == omega[:1]).all()):
+        omega = self.omega(cond, x)
+        if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
+            omega = omega - self._broadcast_merged(omega)
+        if cond.shared and omega.dim() == 2:
             return self._forward_merged(x, omega[0])
         return self._forward_batched(x, omega)
 
+    def _broadcast_merged(self, omega: torch.Tensor) -> torch.Tensor:
+        merged = self._merged_omega.to(omega.dtype)
+        if omega.dim() == 2:
+            return merged[None, :]
+        shape = [1] * omega.dim()
+        shape[self.channel_dim] = merged.shape[0]
+        return merged.reshape(shape)
+
     def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        scale = omega.repeat_interleave(self.rank, dim=1)  # (B, r*M)
+        scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
         h = self._project(x, self.lora_down)  # (B, ..., r*M, ...)
-        h = h * self._broadcast(scale, x)
+        h = h * (self._broadcast(scale, x) if scale.dim() == 2 else scale)
         out = self.base_layer(x) + self._project(h, self.lora_up)
         if self.basis_bias is not None:
-            out = out + self._broadcast(scale @ self.basis_bias, x)  # (B, C_out) per sample
+            if scale.dim() == 2:
+                out = out + self._broadcast(scale @ self.basis_bias, x)  # (B, C_out) per sample
+            else:
+                per_position = scale.movedim(self.channel_dim, -1) @ self.basis_bias
+                out = out + per_position.movedim(-1, self.channel_dim)
         return out
 
     def _forward_merged(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -125,13 +155,19 @@ class ConditionedLoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self, cond: Conditions) -> None:
-        """Fold the delta for one shared condition into the base weight (e.g. a fixed class for deployment)."""
+        """Fold the delta for one condition shared by the batch into the base weight (e.g. a fixed class for
+        deployment). Afterwards the layer still computes the right output for any condition (it adds what a
+        call's omega differs by), and without conditions it serves the merged one."""
         if self.merged:
             raise RuntimeError("layer is already merged; unmerge() first")
         if self.basis_bias is not None and self.base_layer.bias is None:
             raise RuntimeError("cannot merge a per-basis bias into a base layer without bias")
-        omega = self.omega(cond)
-        if not bool((omega == omega[:1]).all()):
+        readers = [name for name, s in self.strategies.items() if getattr(s, "reads_input", False)]
+        if readers:
+            raise ValueError(f"merge() needs weights that do not depend on the input; {readers} read it")
+        probe = torch.zeros(cond.batch_size() or 1, self.c_in, dtype=self.lora_down.dtype, device=self.lora_down.device)
+        omega = self.omega(cond, probe if self.channel_dim == -1 else probe[..., None])
+        if not bool((omega == omega[:1]).all()):  # an explicit call, not a forward path: checking here is fine
             raise ValueError("merge() needs one condition shared by the whole batch")
         self._merged_omega = omega[0].clone()
         self._add_delta(self._merged_omega, sign=1.0)

@@ -1,64 +1,49 @@
-"""A LoRA conditioning recipe: which adapter banks every targeted layer gets, as plain data."""
+"""A LoRA recipe bound to a network: the `lora` config section plus the sizes its strategies need."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from condlora.lora.strategies import UCMLP, ClassSelect, ClassTable, OmegaInit, TimeTable
-
-TimeLoRAKind = Literal["none", "compositional", "noncompositional"]
-ClassLoRAKind = Literal["none", "select", "compositional"]
+from condlora.config import ConfigError, LoRAConfig, convert
+from condlora.lora.strategies import UCMLP, ClassSelect, ClassTable, PlainLoRA, TimeTable
 
 
-@dataclass(frozen=True)
-class LoRASpec:
-    """Everything needed to rebuild the same conditioned LoRA layers (saved as adapter_config.json).
+@dataclass
+class LoRASpec(LoRAConfig):
+    """Everything needed to rebuild the same LoRA layers (saved with the adapters): the fields of the `lora`
+    config section (one set of names everywhere) plus the network's sizes.
 
-    Attributes:
-        targets: fnmatch patterns of the module names to wrap.
-        rank: r of every adapter.
-        time: TimeLoRA bank: none, compositional (m+1 bases and an omega table) or noncompositional (T bases).
+    Attributes (besides LoRAConfig's):
         num_timesteps: T of the omega tables.
-        time_bases: m + 1 for the compositional table.
-        omega_trainable: learn the omega table ("train") or keep it fixed ("linear interpolation").
-        omega_init: linear, onehot or gaussian.
-        classes: ClassLoRA bank: none, select (one adapter per class) or compositional (class_bases).
-        num_classes: C.
-        class_bases: bases of the compositional ClassLoRA.
-        uc_bases: m of UC-LoRA (0 = off).
-        uc_widths: hidden widths of the UC-LoRA MLP.
-        embedding_dim: D of the shared condition embedding UC-LoRA reads.
-        basis_bias: the zero-initialised per-basis bias of the published UC-LoRA code.
+        num_classes: C of ClassLoRA.
+        embedding_dim: D of the shared condition embedding UC-LoRA reads (filled in by the backbone).
     """
 
-    targets: tuple[str, ...] = ("*.qkv", "*.proj")
-    rank: int = 4
-    time: TimeLoRAKind = "none"
     num_timesteps: int = 1000
-    time_bases: int = 11
-    omega_trainable: bool = False
-    omega_init: OmegaInit = "linear"
-    classes: ClassLoRAKind = "none"
     num_classes: int = 0
-    class_bases: int = 10
-    uc_bases: int = 0
-    uc_widths: tuple[int, ...] = (128, 64)
     embedding_dim: int = 0
-    basis_bias: bool = False
 
-    @property
-    def active(self) -> bool:
-        """Whether any bank is enabled."""
-        return self.time != "none" or self.classes != "none" or self.uc_bases > 0
+    @classmethod
+    def from_config(cls, cfg: LoRAConfig, **sizes: int) -> LoRASpec:
+        """Bind a `lora` config section to a network's sizes."""
+        return cls(**dataclasses.asdict(cfg), **sizes)
+
+    def with_targets(self, default: tuple[str, ...]) -> LoRASpec:
+        """This spec with `default` targets (a backbone's attention projections) if none were given."""
+        return self if self.targets else dataclasses.replace(self, targets=tuple(default))
 
     def strategies(self, name: str, base_layer: nn.Module) -> dict[str, nn.Module]:
         """Fresh strategy modules for one layer (each layer owns its omega table / MLP)."""
         banks: dict[str, nn.Module] = {}
+        if self.plain:
+            banks["plain"] = PlainLoRA()
         if self.time == "compositional":
-            banks["time"] = TimeTable(self.num_timesteps, self.time_bases, self.omega_trainable, self.omega_init)
+            banks["time"] = TimeTable(self.num_timesteps, self.time_bases, self.omega == "train", self.omega_init)
         elif self.time == "noncompositional":
             banks["time"] = TimeTable(self.num_timesteps, self.num_timesteps, trainable=False, init="onehot")
         if self.classes == "select":
@@ -66,13 +51,20 @@ class LoRASpec:
         elif self.classes == "compositional":
             banks["class"] = ClassTable(self.num_classes, self.class_bases)
         if self.uc_bases > 0:
+            if self.embedding_dim < 1:
+                raise ValueError("UC-LoRA needs the backbone's embedding width (LoRASpec.embedding_dim)")
             banks["uc"] = UCMLP(self.embedding_dim, self.uc_bases, self.uc_widths)
         return banks
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> LoRASpec:
-        fields = {**data, "targets": tuple(data["targets"]), "uc_widths": tuple(data["uc_widths"])}
-        return cls(**fields)
+    def from_dict(cls, data: dict[str, Any]) -> LoRASpec:
+        """Inverse of `to_dict` (JSON lists become tuples); unknown fields are an error naming them."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown LoRA fields {sorted(unknown)}; expected some of {sorted(names)}")
+        return cls(**{key: convert(value, hints[key], f"lora.{key}") for key, value in data.items()})

@@ -1,38 +1,25 @@
-"""Conditioning strategies: small modules that turn the conditions of a batch into mixing weights omega.
+"""Conditioning strategies: small modules that turn the conditions of a call into mixing weights omega.
 
 A conditioned LoRA layer computes out = base(x) + sum_i omega_i B_i A_i x; each strategy below owns one bank
-of `num_bases` adapters and produces omega (B, num_bases) per sample from a `Conditions` object.
+of `num_bases` adapters and is called as `strategy(cond, x)` with the call's `Conditions` and the layer's
+input x. It returns omega (B, num_bases) per sample or, if it reads the input position by position (a
+router), omega for every position in x's layout with num_bases channels; such a strategy sets
+`reads_input = True`. Strategies never read tensors on the host: values are checked at the boundaries
+(`Conditions.check`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condlora.conditions import Conditions
 from condlora.ops import group_norm
 
 OmegaInit = Literal["linear", "onehot", "gaussian"]
-
-
-@dataclass
-class Conditions:
-    """What the conditioned layers of one network call may depend on; every field is per sample.
-
-    Attributes:
-        timestep: (B,) int64 discrete diffusion step, 0-based: t in [0, T) is the papers' step t + 1 (TimeLoRA).
-        labels: (B,) int64 class index, or -1 for "no class" (ClassLoRA).
-        class_vector: (B, C) float weights over classes, overriding `labels` (class interpolation, sec. 5.6).
-        embedding: (B, D) the network's shared condition embedding v (UC-LoRA).
-    """
-
-    timestep: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    class_vector: torch.Tensor | None = None
-    embedding: torch.Tensor | None = None
 
 
 def _require(value: torch.Tensor | None, name: str, strategy: str) -> torch.Tensor:
@@ -107,15 +94,12 @@ class TimeTable(nn.Module):
         else:
             self.register_buffer("table", table)
 
-    def forward(self, cond: Conditions) -> torch.Tensor:
-        t = _require(cond.timestep, "timestep", "TimeLoRA").long()
-        if t.min() < 0 or t.max() >= self.num_timesteps:
-            raise ValueError(f"TimeLoRA: timesteps must be in [0, {self.num_timesteps}), got {t.min()}..{t.max()}")
-        return self.table[t]  # (B, m+1)
+    def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table[_require(cond.step, "step", "TimeLoRA")]  # (B, m+1)
 
 
 class ClassSelect(nn.Module):
-    """ClassLoRA: one adapter per class, omega = one-hot(label); label -1 (no class) gives omega = 0.
+    """ClassLoRA: one adapter per class, omega = one-hot(label); NULL_LABEL (no class) gives omega = 0.
 
     A `Conditions.class_vector` (B, C) is used as omega directly, so a mixture of classes, or a point
     beyond them, can be sampled (paper sec. 5.6 interpolation and extrapolation).
@@ -125,24 +109,16 @@ class ClassSelect(nn.Module):
         super().__init__()
         self.num_classes = self.num_bases = num_classes
 
-    def class_weights(self, cond: Conditions) -> torch.Tensor:
-        """(B, C) weights over classes from class_vector or labels."""
+    def class_weights(self, cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+        """(B, C) weights over classes from class_vector or labels, in `dtype`."""
         if cond.class_vector is not None:
-            if cond.class_vector.shape[-1] != self.num_classes:
-                raise ValueError(
-                    f"ClassLoRA: class_vector has {cond.class_vector.shape[-1]} entries, expected {self.num_classes}"
-                )
-            return cond.class_vector.float()
-        labels = _require(cond.labels, "labels", "ClassLoRA").long()
-        if labels.max() >= self.num_classes or labels.min() < -1:
-            raise ValueError(
-                f"ClassLoRA: labels must be in [0, {self.num_classes}) or -1, got "
-                f"{labels.min().item()}..{labels.max().item()}"
-            )
-        return F.one_hot(labels.clamp(min=0), self.num_classes).float() * (labels >= 0).float()[:, None]
+            return cond.class_vector.to(dtype)
+        labels = _require(cond.labels, "labels", "ClassLoRA")
+        classes = torch.arange(self.num_classes, device=labels.device)
+        return (labels[:, None] == classes).to(dtype)  # NULL_LABEL matches no class: a zero row
 
-    def forward(self, cond: Conditions) -> torch.Tensor:
-        return self.class_weights(cond)
+    def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.class_weights(cond, x.dtype if x is not None else torch.float32)
 
 
 class ClassTable(ClassSelect):
@@ -154,8 +130,8 @@ class ClassTable(ClassSelect):
         self.num_bases = num_bases
         self.table = nn.Parameter(torch.randn(num_classes, num_bases))
 
-    def forward(self, cond: Conditions) -> torch.Tensor:
-        return self.class_weights(cond) @ self.table  # (B, m)
+    def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.class_weights(cond, self.table.dtype) @ self.table  # (B, m)
 
 
 class UCMLP(nn.Module):
@@ -179,5 +155,14 @@ class UCMLP(nn.Module):
         layers.append(nn.Linear(width_in, num_bases))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, cond: Conditions) -> torch.Tensor:
+    def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.mlp(_require(cond.embedding, "embedding", "UC-LoRA"))  # (B, m)
+
+
+class PlainLoRA(nn.Module):
+    """A plain, unconditioned LoRA adapter: one basis with omega = 1 for every sample (PEFT's LoRA)."""
+
+    num_bases = 1
+
+    def forward(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)

@@ -1,4 +1,4 @@
-"""Backbones and the registry that builds them from a `ModelConfig`."""
+"""Backbones and the registry that builds them from a `RunConfig`."""
 
 from __future__ import annotations
 
@@ -6,76 +6,76 @@ from collections.abc import Callable
 
 from torch import nn
 
-from condlora.config import ModelConfig
+from condlora.conditions import NULL_LABEL
+from condlora.config import RunConfig
 from condlora.lora import ConditionedLoRA, LoRASpec
-from condlora.nets.unet import NULL_LABEL, NanoUNet
+from condlora.nets.unet import NanoUNet
 
 
-def lora_spec(cfg: ModelConfig, num_timesteps: int) -> LoRASpec | None:
-    """The LoRA recipe a model config asks for, or None."""
-    spec = LoRASpec(
-        targets=cfg.lora_targets,
-        rank=cfg.lora_rank,
-        time=cfg.time_lora,
-        num_timesteps=num_timesteps,
-        time_bases=cfg.time_bases,
-        omega_trainable=cfg.omega == "train",
-        omega_init=cfg.omega_init,
-        classes=cfg.class_lora,
-        num_classes=cfg.num_classes,
-        class_bases=cfg.class_bases,
-        uc_bases=cfg.uc_bases,
-        uc_widths=cfg.uc_widths,
-        basis_bias=cfg.lora_bias,
-    )
-    return spec if spec.active else None
+def lora_spec(cfg: RunConfig) -> LoRASpec | None:
+    """The LoRA recipe a run asks for, bound to its sizes (the backbone fills in its embedding width), or None."""
+    if not cfg.lora.active:
+        return None
+    return LoRASpec.from_config(cfg.lora, num_timesteps=cfg.ddpm.num_timesteps, num_classes=cfg.model.num_classes)
 
 
-def _nano(cfg: ModelConfig, num_timesteps: int) -> nn.Module:
+def _nano(cfg: RunConfig) -> nn.Module:
+    arch = cfg.nano
     return NanoUNet(
-        in_channels=cfg.in_channels,
-        channels=cfg.channels,
-        channel_mult=cfg.channel_mult,
-        num_res_blocks=cfg.num_res_blocks,
-        attn_levels=cfg.attn_levels,
-        num_heads=cfg.num_heads,
-        num_classes=cfg.num_classes,
-        dropout=cfg.dropout,
-        conditioning=cfg.conditioning,
-        lora=lora_spec(cfg, num_timesteps),
+        in_channels=cfg.model.in_channels,
+        channels=arch.channels,
+        channel_mult=arch.channel_mult,
+        num_res_blocks=arch.num_res_blocks,
+        attn_levels=arch.attn_levels,
+        num_heads=arch.num_heads,
+        num_classes=cfg.model.num_classes,
+        dropout=arch.dropout,
+        conditioning=cfg.model.conditioning,
+        lora=lora_spec(cfg),
     )
 
 
-BACKBONES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"nano": _nano}
+def _diffusers(cfg: RunConfig) -> nn.Module:
+    from condlora.nets.diffusers_unet import DiffusersUNet, load_diffusers_unet
+
+    unet = load_diffusers_unet(cfg.train.init_from)
+    return DiffusersUNet(unet, lora_spec(cfg), num_classes=cfg.model.num_classes)
 
 
-def build_network(cfg: ModelConfig, num_timesteps: int = 1000) -> nn.Module:
-    """Instantiate the backbone named by `cfg.backbone`; `num_timesteps` sizes TimeLoRA's omega tables."""
-    return BACKBONES[cfg.backbone](cfg, num_timesteps)
+BACKBONES: dict[str, Callable[[RunConfig], nn.Module]] = {"nano": _nano, "diffusers": _diffusers}
 
 
-def count_parameters(net: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+def build_network(cfg: RunConfig) -> nn.Module:
+    """Instantiate the backbone named by `cfg.model.backbone`, with the LoRA of `cfg.lora`.
+
+    The diffusers backbone is read, weights included, from the local folder `cfg.train.init_from`.
+    """
+    return BACKBONES[cfg.model.backbone](cfg)
 
 
-def summarize(net: nn.Module, cfg: ModelConfig) -> str:
+def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (only those that train, with `trainable_only`)."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
+
+
+def summarize(net: nn.Module, cfg: RunConfig) -> str:
     """Human-readable architecture summary: parameters per top-level module, ending with `parameters: N`."""
+    m = cfg.model
     lines = [
-        f"backbone: {cfg.backbone}  image: {cfg.in_channels}x{cfg.image_size}x{cfg.image_size}  "
-        f"classes: {cfg.num_classes or 'unconditional'}",
+        f"backbone: {m.backbone}  image: {m.in_channels}x{m.image_size}x{m.image_size}  "
+        f"classes: {m.num_classes or 'unconditional'}",
     ]
     for name, child in net.named_children():
         n = sum(p.numel() for p in child.parameters())
         lines.append(f"  {name:<14} {type(child).__name__:<12} {n:>12,}")
-    attn = [name for name, m in net.named_modules() if type(m).__name__ == "AttentionBlock"]
-    lora = [m for m in net.modules() if isinstance(m, ConditionedLoRA)]
-    lines.append(f"conditioning: {cfg.conditioning}  attention blocks: {len(attn)}  LoRA layers: {len(lora)}")
+    attn = [name for name, module in net.named_modules() if type(module).__name__ == "AttentionBlock"]
+    lora = [module for module in net.modules() if isinstance(module, ConditionedLoRA)]
+    lines.append(f"conditioning: {m.conditioning}  attention blocks: {len(attn)}  LoRA layers: {len(lora)}")
     if lora:
-        n_lora = sum(p.numel() for m in lora for n, p in m.named_parameters() if not n.startswith("base_layer."))
+        n_lora = sum(p.numel() for layer in lora for n, p in layer.named_parameters() if not n.startswith("base_"))
         lines.append(f"LoRA and conditioning parameters: {n_lora}")
     lines.append(f"parameters: {count_parameters(net)}")
     return "\n".join(lines)
 
 
-__all__ = ["BACKBONES", "NULL_LABEL", "NanoUNet", "build_network", "count_parameters", "summarize"]
+__all__ = ["BACKBONES", "NULL_LABEL", "NanoUNet", "build_network", "count_parameters", "lora_spec", "summarize"]

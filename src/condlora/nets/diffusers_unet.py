@@ -1,47 +1,81 @@
-"""Fit a diffusers `UNet2DModel` to condlora's network contract, with conditioned LoRA on its attention.
+"""Fit a diffusers UNet (`UNet2DModel`, `UNet2DConditionModel`) to condlora's network contract, with LoRA.
 
-diffusers is imported lazily by the caller (it is an optional dependency); this module only wraps an
-already-built model, so nothing here downloads weights: build the UNet from a config or load it from a
-local directory with `UNet2DModel.from_pretrained(path)`.
+diffusers is imported lazily (an optional dependency) and nothing here downloads: build the UNet from a
+config, or read it from a local folder with `load_diffusers_unet(path)`, which takes safetensors weights
+only (a pickled `.bin` could run code).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from condlora.lora import Conditions, LoRASpec, bind_conditions, conditioned_layers, inject_conditioned_lora
+from condlora.conditions import NULL_LABEL, Conditions
+from condlora.lora import LoRASpec, bind_conditions, inject_lora
 
 DIFFUSERS_ATTENTION_TARGETS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
 class DiffusersUNet(nn.Module):
-    """`net(x, noise_level, labels, class_vector=None) -> eps` around a diffusers UNet2DModel.
+    """`net(x, noise_level, cond) -> eps` around a diffusers UNet.
+
+    The noise level goes to the UNet as its `timestep`; `cond.labels` become its `class_labels` when it has a
+    class embedding (NULL_LABEL as index `num_classes`, so build it with `num_class_embeds=num_classes + 1`);
+    `cond.context` becomes the `encoder_hidden_states` of a `UNet2DConditionModel`. Conditioned LoRA layers
+    receive `cond` for the call.
 
     Args:
-        unet: a `diffusers.UNet2DModel` predicting eps from (sample, timestep[, class_labels]).
+        unet: a `diffusers.UNet2DModel` or `UNet2DConditionModel` predicting eps.
         lora: optional LoRA recipe; its targets default to the attention projections of diffusers blocks.
-        num_classes: classes the LoRA banks (and the UNet's own class embedding, if it has one) know about;
-            the UNet receives NULL_LABEL as index `num_classes`, so give it `num_class_embeds=num_classes + 1`.
+        num_classes: classes the LoRA banks (and the UNet's own class embedding, if it has one) know about.
     """
 
     def __init__(self, unet: nn.Module, lora: LoRASpec | None = None, num_classes: int = 0):
         super().__init__()
-        self.unet, self.num_classes, self.lora_spec = unet, num_classes, lora
-        if lora is not None and lora.active:
-            inject_conditioned_lora(unet, lora.targets, lora.strategies, lora.rank, lora.basis_bias)
-        self._lora_layers = [layer for _, layer in conditioned_layers(unet)]
+        self.unet, self.num_classes = unet, num_classes
+        self.lora_spec = lora.with_targets(DIFFUSERS_ATTENTION_TARGETS) if lora is not None and lora.active else None
+        self._lora_layers = inject_lora(unet, self.lora_spec) if self.lora_spec is not None else []
+        self._cross_attention = type(unet).__name__ == "UNet2DConditionModel"
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_level: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        class_vector: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        cond = Conditions(timestep=noise_level.round().long(), labels=labels, class_vector=class_vector)
-        class_labels = None
-        if getattr(self.unet, "class_embedding", None) is not None and labels is not None:
-            class_labels = torch.where(labels < 0, self.num_classes, labels)
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor, cond: Conditions | None = None) -> torch.Tensor:
+        cond = cond if cond is not None else Conditions()
+        kwargs = {}
+        if getattr(self.unet, "class_embedding", None) is not None:
+            labels = cond.labels
+            if labels is None:
+                labels = torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+            kwargs["class_labels"] = torch.where(labels < 0, self.num_classes, labels)
+        if self._cross_attention:
+            if cond.context is None:
+                raise ValueError("a UNet2DConditionModel needs Conditions.context (its encoder_hidden_states)")
+            kwargs["encoder_hidden_states"] = cond.context
         with bind_conditions(self._lora_layers, cond):
-            return self.unet(x, noise_level, class_labels=class_labels).sample
+            return self.unet(x, noise_level, **kwargs).sample
+
+
+def load_diffusers_unet(folder: str | Path) -> nn.Module:
+    """A diffusers UNet read from a local model folder (config.json + diffusion_pytorch_model.safetensors).
+
+    Raises FileNotFoundError / ValueError naming what is missing or unsupported; never downloads.
+    """
+    folder = Path(folder)
+    config, weights = folder / "config.json", folder / DIFFUSERS_WEIGHTS
+    for path in (config, weights):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a diffusers model folder with safetensors weights: {path.name} is missing"
+            )
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from None
+    if class_name not in _UNET_CLASSES:
+        raise ValueError(f"{config}: _class_name {class_name!r} is not one of {', '.join(_UNET_CLASSES)}")
+    import diffusers
+
+    return getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True, local_files_only=True)

@@ -19,7 +19,8 @@ def timestep_embedding(noise_level: torch.Tensor, dim: int, max_period: float = 
         dim: embedding width (even).
         max_period: longest wavelength, in the units of `noise_level`.
     Returns:
-        (B, dim) tensor `[cos(t * f_k), sin(t * f_k)]` with f_k = max_period^(-k / (dim/2)).
+        (B, dim) float32 tensor `[cos(t * f_k), sin(t * f_k)]` with f_k = max_period^(-k / (dim/2)), computed
+        in float32 whatever the network's dtype (bf16 cannot hold the step 999); cast it to the network's.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / half)

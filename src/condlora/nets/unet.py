@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.lora import Conditions, LoRASpec, bind_conditions, conditioned_layers, inject_conditioned_lora
+from condlora.conditions import NULL_LABEL, Conditions
+from condlora.lora import LoRASpec, bind_conditions, inject_lora
 from condlora.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, timestep_embedding
 from condlora.ops import group_norm
 
-NULL_LABEL = -1  # label value meaning "no class": classifier-free guidance's unconditional branch
+ATTENTION_TARGETS = ("*.qkv", "*.proj")  # the attention projections, LoRA's default targets
 ConditioningMode = Literal["baseline", "lora_only", "with_lora", "adaln_attn"]
 
 
@@ -25,10 +27,11 @@ class NanoUNet(nn.Module):
       alone. The embedding network is kept only when UC-LoRA reads it.
     - adaln_attn: no scale-and-shift in the residual blocks; attention conditioned by adaLN (paper sec. 5.5).
 
-    Contract: `net(x, noise_level, labels, class_vector=None) -> eps` with x (B, C, H, W), noise_level (B,) the
-    integer DDPM step as a float in [0, T), labels (B,) int64 in [0, num_classes) or NULL_LABEL, and an
-    optional class_vector (B, num_classes) of real class weights replacing the labels (class interpolation).
-    The network never sees a schedule.
+    Contract: `net(x, noise_level, cond) -> eps` with x (B, C, H, W), noise_level (B,) what the diffusion
+    family feeds the network (for DDPM the step as a float; never rounded here) and `cond` the call's
+    `Conditions`: labels (B,) in [0, num_classes) or NULL_LABEL (missing labels mean the null class), an
+    optional class_vector (B, num_classes) replacing them (class interpolation), and the integer step that
+    TimeLoRA tables read. The network fills in `cond.embedding` for UC-LoRA and never sees a schedule.
 
     Args:
         in_channels: image channels (1 for MNIST, 3 for CIFAR-10).
@@ -42,7 +45,8 @@ class NanoUNet(nn.Module):
         dropout: dropout in the residual blocks.
         emb_mult: the condition embedding has `emb_mult * channels` features.
         conditioning: one of the four modes above.
-        lora: the LoRA recipe for with_lora / lora_only (its embedding_dim is filled in here).
+        lora: the LoRA recipe (its embedding_dim is filled in here, its targets default to the attention
+            projections); conditioned banks need with_lora / lora_only, a plain LoRA fits any mode.
     """
 
     def __init__(
@@ -109,39 +113,30 @@ class NanoUNet(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
         self.lora_spec = None
+        self._lora_layers = []
         if lora is not None and lora.active:
-            self.lora_spec = LoRASpec.from_dict({**lora.to_dict(), "embedding_dim": emb_dim})
-            inject_conditioned_lora(self, self.lora_spec.targets, self.lora_spec.strategies, self.lora_spec.rank,
-                                    self.lora_spec.basis_bias)  # fmt: skip
-        self._lora_layers = [layer for _, layer in conditioned_layers(self)]
+            self.lora_spec = dataclasses.replace(lora.with_targets(ATTENTION_TARGETS), embedding_dim=emb_dim)
+            self._lora_layers = inject_lora(self, self.lora_spec)
 
-    def embed(
-        self, noise_level: torch.Tensor, labels: torch.Tensor | None, class_vector: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """Shared condition embedding v = MLP(sinusoidal(t)) + E[label] (or class_vector @ E), (B, D)."""
+    def embed(self, noise_level: torch.Tensor, cond: Conditions, dtype: torch.dtype) -> torch.Tensor | None:
+        """Shared condition embedding v = MLP(sinusoidal(noise_level)) + E[label] (or class_vector @ E), (B, D)."""
         if self.time_embed is None:
             return None
-        emb = self.time_embed(timestep_embedding(noise_level, self.channels))
+        emb = self.time_embed(timestep_embedding(noise_level, self.channels).to(dtype))
         if self.class_embed is not None:
-            if class_vector is not None:
-                emb = emb + class_vector.to(emb.dtype) @ self.class_embed.weight[: self.num_classes]
-            else:
-                labels = torch.where(labels == NULL_LABEL, self.num_classes, labels)  # null class: last row
+            if cond.class_vector is not None:
+                emb = emb + cond.class_vector.to(emb.dtype) @ self.class_embed.weight[: self.num_classes]
+            elif cond.labels is not None:
+                labels = torch.where(cond.labels == NULL_LABEL, self.num_classes, cond.labels)  # null: last row
                 emb = emb + self.class_embed(labels)
+            else:
+                emb = emb + self.class_embed.weight[self.num_classes]  # no labels: the null class
         return emb
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_level: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        class_vector: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.num_classes > 0 and labels is None:
-            labels = torch.full(noise_level.shape, NULL_LABEL, dtype=torch.long, device=x.device)
-        emb = self.embed(noise_level, labels, class_vector)  # (B, D) or None
-        cond = Conditions(timestep=noise_level.round().long(), labels=labels, class_vector=class_vector, embedding=emb)
-        with bind_conditions(self._lora_layers, cond):
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor, cond: Conditions | None = None) -> torch.Tensor:
+        cond = cond if cond is not None else Conditions()
+        emb = self.embed(noise_level, cond, x.dtype)  # (B, D) or None
+        with bind_conditions(self._lora_layers, cond.replace(embedding=emb)):
             return self._body(x, emb)
 
     def _body(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
@@ -160,10 +155,10 @@ class NanoUNet(nn.Module):
 
 
 def _check_mode(conditioning: str, lora: LoRASpec | None) -> None:
-    uses_lora = lora is not None and lora.active
-    if conditioning in ("with_lora", "lora_only") and not uses_lora:
+    conditioned = lora is not None and lora.conditioned
+    if conditioning in ("with_lora", "lora_only") and not conditioned:
         raise ValueError(f"conditioning={conditioning} needs at least one LoRA bank (time, class or UC-LoRA)")
-    if conditioning in ("baseline", "adaln_attn") and uses_lora:
+    if conditioning in ("baseline", "adaln_attn") and conditioned:
         raise ValueError(f"conditioning={conditioning} conditions attention without LoRA; turn the LoRA banks off")
 
 

@@ -1,17 +1,20 @@
-"""Exponential moving average of network weights."""
+"""Exponential moving average of the trainable weights."""
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 
 class EMA:
-    """Keeps `shadow = decay_n * shadow + (1 - decay_n) * weights` with decay_n = min(decay, (1+n)/(10+n)).
+    """Keeps `avg = decay_n * avg + (1 - decay_n) * w` for every trainable parameter w of a network, with
+    decay_n = min(decay, (1+n)/(10+n)): the warm-up lets short runs (a few thousand steps) still benefit.
 
-    The warm-up of decay_n lets short runs (a few thousand steps) still benefit from averaging.
+    Only trainable parameters are averaged and stored (a frozen base is its own average), so the EMA costs
+    the adapters' size when only adapters train.
 
     Args:
         net: the network being trained (its initial weights start the average).
@@ -20,7 +23,8 @@ class EMA:
 
     def __init__(self, net: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
+        self.names = [name for name, p in net.named_parameters() if p.requires_grad]
+        self.shadow = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
 
     def decay_at(self, num_updates: int) -> float:
         """Effective decay for the update numbered `num_updates` (0-based)."""
@@ -28,9 +32,36 @@ class EMA:
 
     @torch.no_grad()
     def update(self, net: nn.Module, num_updates: int) -> None:
-        """Move the average towards the current weights of `net`; buffers are copied."""
+        """Move the average towards the current weights of `net`."""
         weight = 1.0 - self.decay_at(num_updates)
-        for avg, p in zip(self.shadow.parameters(), net.parameters(), strict=True):
-            avg.lerp_(p.detach(), weight)
-        for avg, b in zip(self.shadow.buffers(), net.buffers(), strict=True):
-            avg.copy_(b)
+        params = dict(net.named_parameters())
+        for name in self.names:
+            self.shadow[name].lerp_(params[name].detach(), weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors by parameter name."""
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the averages; extra entries (0.1 checkpoints also hold buffers) are ignored."""
+        missing = [name for name in self.names if name not in tensors]
+        if missing:
+            raise KeyError(f"EMA tensors missing for {missing[:5]}")
+        for name in self.names:
+            self.shadow[name].copy_(tensors[name])
+
+    @contextmanager
+    def applied(self, net: nn.Module) -> Iterator[nn.Module]:
+        """`net` with the averaged weights for the enclosed block, its own weights restored exactly afterwards."""
+        params = dict(net.named_parameters())
+        saved = {name: params[name].detach().clone() for name in self.names}
+        with torch.no_grad():
+            for name in self.names:
+                params[name].copy_(self.shadow[name])
+        try:
+            yield net
+        finally:
+            with torch.no_grad():
+                for name in self.names:
+                    params[name].copy_(saved[name])

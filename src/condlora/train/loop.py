@@ -18,12 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import RunConfig, differences
 from condlora.data import DataError, ImageDataset, build_datasets, random_hflip, unscale
-from condlora.diffusion import EpsilonLoss, NoiseSchedule, schedule_for
+from condlora.diffusion import DDPM, process_for
 from condlora.diffusion.generate import generate
 from condlora.eval.images import save_grid
-from condlora.nets import NULL_LABEL, build_network, count_parameters
+from condlora.nets import build_network, count_parameters
 from condlora.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -40,6 +41,7 @@ from condlora.train.checkpoint import (
 from condlora.train.distributed import DistContext, init_distributed
 from condlora.train.ema import EMA
 from condlora.train.rundir import check_fresh_run_dir, clear_run_dir, trim_metrics
+from condlora.train.weights import apply_trainable, init_base, load_base, load_saved_state, saved_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,32 +95,38 @@ def lr_at(step: int, cfg) -> float:
 def train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
-    loss_fn: EpsilonLoss,
+    process: DDPM,
     x0: torch.Tensor,
     labels: torch.Tensor | None,
     generator: torch.Generator,
     cfg: RunConfig,
     dist: DistContext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (loss averaged over ranks, gradient norm). Nothing is applied if the
-    loss or the gradient norm is not finite, and TrainingDiverged is raised instead."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step on the process's loss.
+
+    The loss returns named per-sample terms; "loss" is what is minimised (its batch mean), every term's
+    mean is reported. Returns ({term: mean over the batch and the ranks}, gradient norm). Nothing is
+    applied if the loss or the gradient norm is not finite, and TrainingDiverged is raised instead.
+    """
     if cfg.data.hflip:
         x0 = random_hflip(x0, generator)
     if labels is not None and cfg.diffusion.label_dropout > 0:
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.diffusion.label_dropout
         labels = torch.where(drop, NULL_LABEL, labels)
-    loss = loss_fn(model, x0, labels, generator).mean()
-    mean_loss = dist.mean(loss.detach())
-    if not torch.isfinite(mean_loss):
-        raise TrainingDiverged(f"loss became {mean_loss.item()}")
+    terms = process.loss(model, x0, Conditions(labels=labels), generator)
+    loss = terms["loss"].mean()
+    means = {name: dist.mean(value.detach().mean()) for name, value in terms.items()}
+    if not torch.isfinite(means["loss"]):
+        raise TrainingDiverged(f"loss became {means['loss'].item()}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if not torch.isfinite(grad_norm):  # gradients are already averaged over ranks: all ranks agree
         raise TrainingDiverged(f"gradient norm became {grad_norm.item()}")
     opt.step()
-    return mean_loss, grad_norm
+    return means, grad_norm
 
 
 @dataclass
@@ -131,7 +139,7 @@ class TrainResult:
     train_seconds: float
     final_loss: float
     net: nn.Module
-    ema: nn.Module
+    ema: EMA
 
 
 @dataclass
@@ -140,6 +148,7 @@ class _State:
     ema: EMA
     opt: torch.optim.Optimizer
     generator: torch.Generator
+    base: dict[str, Any] | None = None  # where the frozen base comes from (see condlora.train.weights)
     step: int = 0
     checkpoint: Path | None = None  # the checkpoint the state was restored from
 
@@ -161,12 +170,19 @@ def _check_data(cfg: RunConfig, train_set: ImageDataset) -> None:
         )
 
 
-def _build_state(cfg: RunConfig, dist: DistContext) -> _State:
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    net = build_network(cfg.model, cfg.diffusion.num_timesteps).to(dist.device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def _build_network(cfg: RunConfig, dist: DistContext) -> nn.Module:
+    """The seeded network (same initial weights on every rank) with `train.trainable` applied."""
+    torch.manual_seed(cfg.train.seed)
+    net = build_network(cfg).to(dist.device)
+    apply_trainable(net, cfg.train.trainable)
+    return net
+
+
+def _build_state(cfg: RunConfig, net: nn.Module, dist: DistContext, base: dict[str, Any] | None) -> _State:
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator(dist.device).manual_seed(cfg.train.seed + 7919 * (dist.rank + 1))
-    return _State(net=net, ema=EMA(net, cfg.train.ema_decay), opt=opt, generator=generator)
+    return _State(net=net, ema=EMA(net, cfg.train.ema_decay), opt=opt, generator=generator, base=base)
 
 
 def _rng_states(state: _State, dist: DistContext) -> list[dict[str, str]]:
@@ -180,12 +196,13 @@ def _rng_states(state: _State, dist: DistContext) -> list[dict[str, str]]:
 def _checkpoint_payload(state: _State, cfg: RunConfig, dist: DistContext, rng: list[dict[str, str]]):
     opt_tensors, opt_meta = optimizer_to_checkpoint(state.opt)
     tensors = {
-        "model": state.net.state_dict(),
-        "ema": state.ema.shadow.state_dict(),
+        "model": saved_state(state.net),  # everything but the frozen base, which `base` references
+        "ema": state.ema.state_dict(),
         "optimizer": opt_tensors,
     }
     return tensors, {
         "config": cfg.to_dict(),
+        "base": state.base,
         "rng": rng,  # one entry per rank
         "optimizer": opt_meta,
         "world_size": dist.world_size,
@@ -207,7 +224,9 @@ def _resume_checkpoint(root: Path, dist: DistContext) -> Checkpoint | None:
 
 
 def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
-    changed = differences(RunConfig.from_dict(ckpt.state["config"]).model, cfg.model, "model")
+    saved = RunConfig.from_dict(ckpt.state["config"])
+    sections = ("model", "nano", "lora")
+    changed = [d for name in sections for d in differences(getattr(saved, name), getattr(cfg, name), name)]
     if changed:
         raise CheckpointError(
             f"{ckpt.path} holds another network; resume with its model settings: {'; '.join(changed)}"
@@ -216,8 +235,8 @@ def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext)
         raise CheckpointError(
             f"{ckpt.path} was written by {ckpt.state['world_size']} processes; resume with the same number"
         )
-    state.net.load_state_dict(ckpt.tensors["model"])
-    state.ema.shadow.load_state_dict(ckpt.tensors["ema"])
+    load_saved_state(state.net, ckpt.tensors["model"], str(ckpt.path))
+    state.ema.load_state_dict(ckpt.tensors["ema"])
     optimizer_from_checkpoint(state.opt, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
     rng = ckpt.state["rng"][dist.rank]
     state.generator.set_state(decode_bytes(rng["generator"]))
@@ -227,7 +246,7 @@ def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext)
     state.step, state.checkpoint = ckpt.step, ckpt.path
 
 
-def _preview(state: _State, cfg: RunConfig, schedule: NoiseSchedule, path: Path, dist: DistContext) -> None:
+def _preview(state: _State, cfg: RunConfig, process: DDPM, path: Path, dist: DistContext) -> None:
     """A small sample grid from the EMA weights (4 per class, 25 DDIM steps)."""
     k = max(cfg.model.num_classes, 1)
     preview = dataclasses.replace(
@@ -239,34 +258,39 @@ def _preview(state: _State, cfg: RunConfig, schedule: NoiseSchedule, path: Path,
         class_label=-1,
     )
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    images, _ = generate(state.ema.shadow, schedule, preview, shape, cfg.model.num_classes, dist.device, False)
+    with state.ema.applied(state.net) as net:
+        net.eval()
+        images, _ = generate(net, process, preview, shape, cfg.model.num_classes, dist.device, False)
+        net.train()
     save_grid(unscale(images), path, nrow=k if cfg.model.num_classes else 4)
 
 
 class _MetricsLog:
-    """Appends a row to metrics.csv (rank 0 only) every `every` steps, averaging the loss over the window."""
-
-    FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_sec", "elapsed_s")
+    """Appends a row to metrics.csv (rank 0 only) every `every` steps: the step, the window's mean of every
+    loss term, the learning rate, the gradient norm, steps/s and the elapsed time."""
 
     def __init__(self, path: Path, enabled: bool, every: int, last_step: int):
         self.path, self.enabled, self.every, self.last_step = path, enabled, every, last_step
-        self.losses: list[float] = []
+        self.window: list[dict[str, float]] = []
         self.start = self.window_start = time.perf_counter()
-        if enabled and not path.exists():
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(self.FIELDS)
 
-    def record(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
-        self.losses.append(loss)
+    def record(self, step: int, terms: dict[str, float], lr: float, grad_norm: float) -> None:
+        self.window.append(terms)
         if step % self.every and step != self.last_step:
             return
         now = time.perf_counter()
-        row = (step, sum(self.losses) / len(self.losses), lr, grad_norm,
-               len(self.losses) / max(now - self.window_start, 1e-9), now - self.start)  # fmt: skip
+        means = {name: sum(t[name] for t in self.window) / len(self.window) for name in terms}
+        speed = len(self.window) / max(now - self.window_start, 1e-9)
+        row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "steps_per_sec": speed,
+               "elapsed_s": now - self.start}  # fmt: skip
         if self.enabled:
+            new = not self.path.exists()
             with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow(row)
-        self.losses, self.window_start = [], now
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        self.window, self.window_start = [], now
 
 
 def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int) -> DataLoader:
@@ -349,32 +373,39 @@ def train(
         cfg.data.dataset, cfg.data.holdout_fraction, cfg.data.split_seed, cfg.data.image_size or None
     )
     _check_data(cfg, train_set)
-    schedule = schedule_for(cfg)
-    state = _build_state(cfg, dist)
+    process = process_for(cfg)
+    net = _build_network(cfg, dist)
     ckpt_root = out_dir / "checkpoints"
-    if resume:
-        ckpt = _resume_checkpoint(ckpt_root, dist)
-        if ckpt is not None:
-            _restore(state, ckpt, cfg, dist)
-            if dist.is_main:
-                print(f"resuming from {ckpt.path} at step {state.step}")
-        if dist.is_main:
-            remove_temporaries(ckpt_root)  # left by a kill during a checkpoint write
-            trim_metrics(out_dir / "metrics.csv", state.step)  # the steps after the checkpoint run again
+    ckpt = _resume_checkpoint(ckpt_root, dist) if resume else None
     prepare_out_dir(cfg, out_dir, dist, preset, overwrite)
+    if ckpt is not None:
+        base = ckpt.state.get("base")
+        net.load_state_dict(load_base(base, out_dir), strict=False)
+    else:
+        base = init_base(net, cfg.train.init_from, out_dir, write=dist.is_main)
+    state = _build_state(cfg, net, dist, base)
+    if ckpt is not None:
+        _restore(state, ckpt, cfg, dist)
+        if dist.is_main:
+            print(f"resuming from {ckpt.path} at step {state.step}")
+    if resume and dist.is_main:
+        remove_temporaries(ckpt_root)  # left by a kill during a checkpoint write
+        trim_metrics(out_dir / "metrics.csv", state.step)  # the steps after the checkpoint run again
+    dist.barrier()
     model = DistributedDataParallel(state.net) if dist.world_size > 1 else state.net
-    return _run_loop(cfg, out_dir, state, model, train_set, schedule, dist)
+    return _run_loop(cfg, out_dir, state, model, train_set, process, dist)
 
 
-def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainResult:
+def _run_loop(cfg, out_dir, state, model, train_set, process, dist) -> TrainResult:
     t_cfg = cfg.train
-    loss_fn = EpsilonLoss(schedule)
     log = _MetricsLog(out_dir / "metrics.csv", dist.is_main, t_cfg.log_every, t_cfg.steps)
     last_ckpt, saved_step = state.checkpoint, (state.step if state.checkpoint else None)
     if dist.is_main and state.step == 0:
-        print(f"training {cfg.model.backbone} ({count_parameters(state.net):,} parameters) for {t_cfg.steps} steps")
+        total, trained = count_parameters(state.net), count_parameters(state.net, trainable_only=True)
+        which = "" if trained == total else f", {trained:,} of them trained"
+        print(f"training {cfg.model.backbone} ({total:,} parameters{which}) for {t_cfg.steps} steps")
     bar = tqdm(total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step")
-    loss = torch.tensor(float("nan"))
+    terms = {"loss": float("nan")}
     for x0, labels in _loader(cfg, train_set, dist, state.step):
         x0, labels = x0.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
         lr = lr_at(state.step, t_cfg)
@@ -382,25 +413,26 @@ def _run_loop(cfg, out_dir, state, model, train_set, schedule, dist) -> TrainRes
             group["lr"] = lr
         try:
             cond = labels if cfg.model.num_classes else None
-            loss, grad_norm = train_step(model, state.opt, loss_fn, x0, cond, state.generator, cfg, dist)
+            means, grad_norm = train_step(model, state.opt, process, x0, cond, state.generator, cfg, dist)
         except TrainingDiverged as err:
             bar.close()
             kept = f"Last good checkpoint kept: {last_ckpt}" if last_ckpt else "No checkpoint was written yet"
             raise TrainingDiverged(f"{err} at step {state.step + 1}; stopping. {kept}") from None
         state.ema.update(state.net, state.step)
         state.step += 1
-        log.record(state.step, loss.item(), lr, grad_norm.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        terms = {name: value.item() for name, value in means.items()}
+        log.record(state.step, terms, lr, grad_norm.item())
+        bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
         bar.update(1)
         if dist.is_main and t_cfg.sample_every and state.step % t_cfg.sample_every == 0:
-            _preview(state, cfg, schedule, out_dir / "samples" / f"step-{state.step:09d}.png", dist)
+            _preview(state, cfg, process, out_dir / "samples" / f"step-{state.step:09d}.png", dist)
         if state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0):
             last_ckpt, saved_step = _save(state, cfg, out_dir, dist), state.step
     bar.close()
     if saved_step != state.step and state.step > 0:  # make sure the final state is on disk
         last_ckpt = _save(state, cfg, out_dir, dist)
     elapsed = time.perf_counter() - log.start
-    return TrainResult(out_dir, last_ckpt, state.step, elapsed, float(loss.item()), state.net, state.ema.shadow)
+    return TrainResult(out_dir, last_ckpt, state.step, elapsed, terms["loss"], state.net, state.ema)
 
 
 def _save(state: _State, cfg: RunConfig, out_dir: Path, dist: DistContext) -> Path | None:

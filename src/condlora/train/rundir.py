@@ -1,7 +1,8 @@
 """The run directory: a fresh run never writes over another one, and a resumed run tidies what a kill left.
 
 A run directory holds only what condlora writes there (`RUN_ENTRIES`): config.json, metrics.csv,
-checkpoints/, samples/, the final samples.png / .npz, figures/ and the outputs of `condlora sample`.
+checkpoints/, base.safetensors (a frozen base the run initialised), samples/, the final samples.png / .npz,
+figures/ and the outputs of `condlora sample`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ RUN_ENTRIES = (
     "samples-step*",
     ".config.json.tmp-*",
     ".metrics.csv.tmp-*",
+    "base.safetensors",
+    ".base.safetensors.tmp-*",
 )
 
 

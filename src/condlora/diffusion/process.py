@@ -1,0 +1,98 @@
+"""Diffusion processes: one small object per family owns what its network is fed and what it is trained on.
+
+A process maps a 0-based step t in [0, T) to the network's noise level, puts t itself into
+`Conditions.step` (for timestep tables and experts), and returns its training loss as a dict of named
+per-sample terms; the training step reduces them. Samplers are functions of the prediction
+`process.predict(net, x_t, t, cond)` (see `condlora.diffusion.samplers` and `guidance`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from condlora.conditions import Conditions
+from condlora.diffusion.schedules import NoiseSchedule
+
+if TYPE_CHECKING:
+    from condlora.config import RunConfig
+
+Network = Callable[[torch.Tensor, torch.Tensor, Conditions], torch.Tensor]  # net(x, noise_level, cond)
+
+
+class UniformTimestepSampler:
+    """t ~ U{0, ..., T-1} (0-based: the papers' steps 1..T): every step equally likely, so all loss weights are 1."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch_size,) int64 steps on the generator's device."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=generator.device)
+
+
+class DDPM:
+    """The DDPM family (Ho et al. 2020): discrete steps t in [0, T), eps prediction, the simple loss.
+
+    Args:
+        schedule: the noise schedule (betas and what derives from them).
+        timestep_sampler: draws the training steps; uniform by default.
+    """
+
+    family = "ddpm"
+
+    def __init__(self, schedule: NoiseSchedule, timestep_sampler: UniformTimestepSampler | None = None):
+        self.schedule = schedule
+        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(schedule.num_timesteps)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is fed for step t: the step itself as float32 (half precision cannot hold every
+        step index; IDDPM's process rescales it instead)."""
+        return t.float()
+
+    def predict(self, net: Network, x_t: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """eps_theta(x_t, t): the network's prediction, with the step handed to its conditioned layers.
+
+        Args:
+            net: `net(x, noise_level, cond)`.
+            x_t: (B, C, H, W) noisy images.
+            t: (B,) int64 0-based steps.
+            cond: the conditions of the call; `step` is set here.
+        """
+        return net(x_t, self.noise_level(t), cond.replace(step=t))
+
+    def loss(
+        self,
+        net: Network,
+        x0: torch.Tensor,
+        cond: Conditions,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """DDPM's simple loss (Ho et al. eq. 14), per sample:
+        {"loss": || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t) ||^2 averaged over pixels} (B,).
+
+        Args:
+            net: `net(x, noise_level, cond)`.
+            x0: (B, C, H, W) clean images in [-1, 1].
+            cond: the batch's conditions (labels after label dropout, ...).
+            generator: source of t and eps (on x0's device).
+        """
+        t = self.timestep_sampler.sample(x0.shape[0], generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        eps = self.predict(net, x_t, t, cond)
+        precision = torch.promote_types(eps.dtype, torch.float32)  # bf16 predictions: reduce in float32
+        return {"loss": (eps.to(precision) - noise.to(precision)).pow(2).flatten(1).mean(dim=1)}
+
+
+def process_for(cfg: RunConfig) -> DDPM:
+    """The diffusion process a run's `diffusion` section names, from its family's section."""
+    from condlora.diffusion.schedules import schedule_for
+
+    return DDPM(schedule_for(cfg))
