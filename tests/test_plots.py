@@ -1,13 +1,13 @@
 """Figures: omega tables, cosine similarity, class interpolation / extrapolation grids."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from condlora.cli import main
-import functools
-
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.diffusion import PerSampleNoise, classifier_free, ddim_sample, guided, process_for
 from condlora.eval.plots import binned_omega, class_path_vectors, cosine_matrix

@@ -1,9 +1,9 @@
 """Samplers against closed forms: exact eps for a point mass and for a Gaussian data distribution."""
 
+import functools
+
 import pytest
 import torch
-
-import functools
 
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import SampleConfig
