@@ -1,5 +1,7 @@
 """Conditioned LoRA against a naive per-sample reference W_t = W + sum_i omega_i B_i A_i."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -10,10 +12,12 @@ from condlora.lora import (
     ClassTable,
     ConditionedLoRA,
     Conditions,
+    LoRASpec,
     TimeTable,
     basis_timesteps,
     bind_conditions,
     inject_conditioned_lora,
+    inject_lora,
     linear_interpolation_table,
     load_lora,
     lora_state_dict,
@@ -198,10 +202,12 @@ def test_merge_unmerge_round_trip():
 
 
 def test_save_load_round_trip(tmp_path):
+    spec = LoRASpec(targets=("*",), rank=2, time="compositional", time_bases=4, omega="train", num_timesteps=T)
+
     def build():
         torch.manual_seed(3)
         model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5))
-        inject_conditioned_lora(model, ["*"], lambda n, m: {"t": TimeTable(T, 4, trainable=True)}, rank=2)
+        inject_lora(model, spec)
         return model
 
     model = build()
@@ -209,19 +215,24 @@ def test_save_load_round_trip(tmp_path):
         if isinstance(layer, ConditionedLoRA):
             _randomise(layer)
             with torch.no_grad():
-                layer.strategies["t"].table.add_(1.0)
-    save_lora(model, tmp_path / "lora", {"rank": 2})
+                layer.strategies["time"].table.add_(1.0)
+    save_lora(model, tmp_path / "lora", spec)
+    meta = json.loads((tmp_path / "lora" / "condlora_adapter.json").read_text())
+    assert meta["format"] == "condlora-adapter" and meta["format_version"] == 1 and meta["layers"] == ["0", "1"]
     fresh = build()
-    assert load_lora(fresh, tmp_path / "lora") == {"rank": 2}
+    assert load_lora(fresh, tmp_path / "lora") == spec
     for k, v in lora_state_dict(model).items():
         assert torch.equal(v, lora_state_dict(fresh)[k])
     assert all(not k.endswith("base_layer.weight") for k in lora_state_dict(model))
-    (tmp_path / "lora" / "adapter_config.json").write_text('{"rank": 8}')
+    config = tmp_path / "lora" / "condlora_adapter.json"
+    config.write_text(json.dumps({**meta, "format_version": 2}))
     with pytest.raises(ValueError, match="does not match the config stored"):
         load_lora(fresh, tmp_path / "lora")
-    (tmp_path / "lora" / "adapter_model.safetensors").write_bytes(b"broken")
+    (tmp_path / "lora" / "condlora_adapter.safetensors").write_bytes(b"broken")
     with pytest.raises(ValueError, match="corrupt LoRA files"):
         load_lora(fresh, tmp_path / "lora")
+    with pytest.raises(ValueError, match="needs the LoRA recipe"):
+        save_lora(model, tmp_path / "other")
 
 
 def test_conditions_are_only_bound_during_the_call():

@@ -1,15 +1,14 @@
 """Conditioned LoRA: layers, conditioning strategies (TimeLoRA, ClassLoRA, UC-LoRA) and injection."""
 
 from condlora.conditions import NULL_LABEL, Conditions
+from condlora.lora.files import export_peft, load_lora, read_lora, save_lora
 from condlora.lora.inject import (
     bind_conditions,
     conditioned_layers,
     inject_conditioned_lora,
     inject_lora,
-    load_lora,
     lora_state_dict,
     merge_lora,
-    save_lora,
     unmerge_lora,
 )
 from condlora.lora.layer import ConditionedLoRA
@@ -38,6 +37,7 @@ __all__ = [
     "basis_timesteps",
     "bind_conditions",
     "conditioned_layers",
+    "export_peft",
     "inject_conditioned_lora",
     "inject_lora",
     "linear_interpolation_table",
@@ -45,6 +45,7 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "onehot_table",
+    "read_lora",
     "save_lora",
     "unmerge_lora",
 ]

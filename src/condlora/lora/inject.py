@@ -1,4 +1,4 @@
-"""Attach conditioned LoRA to any model by module-name pattern, pass conditions per call, save / load / merge.
+"""Attach conditioned LoRA to any model by module-name pattern, pass conditions per call, merge.
 
 Conditions reach the layers explicitly: `bind_conditions(model, cond)` hands them to every conditioned
 layer of `model` for the duration of one forward call and takes them back afterwards, so no state
@@ -9,16 +9,10 @@ signatures.
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from condlora.conditions import Conditions
@@ -26,8 +20,6 @@ from condlora.lora.layer import ConditionedLoRA
 from condlora.lora.spec import LoRASpec
 
 StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -111,55 +103,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if not key.startswith("base_layer."):
                 out[f"{name}.{key}"] = value
     return out
-
-
-def save_lora(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
-    """Write adapter_model.safetensors and adapter_config.json (the injection recipe), each atomically.
-
-    The config is also stored in the safetensors header, so `load_lora` notices a weights file and a config
-    file that do not belong together (e.g. after a crash between the two writes).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    tmp = directory / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"adapter_config": text})
-    os.replace(tmp, directory / ADAPTER_WEIGHTS)
-    tmp = directory / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, directory / ADAPTER_CONFIG)
-    return directory
-
-
-def load_lora(model: nn.Module, directory: str | Path) -> dict[str, Any]:
-    """Load LoRA weights saved by `save_lora` into a model with the same injection; returns the config."""
-    directory = Path(directory)
-    weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
-    for path in (weights, config):
-        if not path.is_file():
-            raise FileNotFoundError(f"LoRA file missing: {path}")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            header = (f.metadata() or {}).get("adapter_config")
-        tensors = load_file(str(weights))
-        meta = json.loads(config.read_text())
-    except Exception as err:  # safetensors raises its own error type; JSON its own
-        raise ValueError(f"corrupt LoRA files in {directory}: {err}") from None
-    if header is not None and json.loads(header) != meta:
-        raise ValueError(f"{config} does not match the config stored with {weights}; they come from different saves")
-    expected = lora_state_dict(model)
-    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"LoRA weights in {weights} do not fit this model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    for name, layer in conditioned_layers(model):
-        prefix = f"{name}."
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        layer.load_state_dict(own, strict=False)
-    return meta
 
 
 def merge_lora(model: nn.Module, cond: Conditions) -> None:

@@ -380,7 +380,7 @@ def train(
     prepare_out_dir(cfg, out_dir, dist, preset, overwrite)
     if ckpt is not None:
         base = ckpt.state.get("base")
-        net.load_state_dict(load_base(base, out_dir), strict=False)
+        net.load_state_dict(load_base(base, out_dir, net), strict=False)
     else:
         base = init_base(net, cfg.train.init_from, out_dir, write=dist.is_main)
     state = _build_state(cfg, net, dist, base)

@@ -132,15 +132,16 @@ def restore_network(ckpt: Checkpoint, use_ema: bool = True) -> tuple[nn.Module, 
     cfg = RunConfig.from_dict(ckpt.state["config"])
     net = build_network(cfg)
     apply_trainable(net, cfg.train.trainable)
-    net.load_state_dict(load_base(ckpt.state.get("base"), ckpt.path.parent.parent), strict=False)
+    net.load_state_dict(load_base(ckpt.state.get("base"), ckpt.path.parent.parent, net), strict=False)
     load_saved_state(net, ckpt.tensors["model"], str(ckpt.path))
     if use_ema:  # the averaged trainable parameters (0.1 checkpoints: the whole network)
         net.load_state_dict(ckpt.tensors["ema"], strict=False)
     return net, cfg
 
 
-def load_base(reference: dict[str, Any] | None, run_dir: Path) -> dict[str, torch.Tensor]:
-    """The base tensors a checkpoint's `base` reference names, after checking their SHA-256; {} for none.
+def load_base(reference: dict[str, Any] | None, run_dir: Path, net: nn.Module) -> dict[str, torch.Tensor]:
+    """The base tensors a checkpoint's `base` reference names, under `net`'s names, after checking their
+    SHA-256; {} for none.
 
     A `diffusers` base is part of the network as built (`build_network` reads the folder), so it only has
     its hash checked here.
@@ -156,7 +157,7 @@ def load_base(reference: dict[str, Any] | None, run_dir: Path) -> dict[str, torc
     if kind == "condlora":
         _checked(path / STATE_FILE, reference["sha256"])
         source, _ = restore_network(resolve_checkpoint(path), use_ema=reference.get("ema", True))
-        return source.state_dict()
+        return adapt_to(net, source.state_dict(), f"the base {path}")
     raise CheckpointError(f"unknown base reference kind {kind!r}")
 
 

@@ -1,0 +1,192 @@
+"""Training only some weights, initialising from another run or a diffusers folder, loss terms in metrics.csv."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condlora.conditions import Conditions
+from condlora.diffusion import DDPM
+from condlora.lora import conditioned_layers
+from condlora.pipeline import load_model
+from condlora.train import train
+from condlora.train.checkpoint import CheckpointError, load_latest
+from condlora.train.weights import lora_owned
+
+CLASS_LORA = {"model": {"conditioning": "with_lora"}, "lora": {"classes": "select", "rank": 2}}
+
+
+def _predict(net, x, t, cond):
+    return net(x, t.float(), cond.replace(step=t))
+
+
+def test_trainable_lora_leaves_every_base_weight_untouched_and_checkpoints_hold_only_adapters(tiny_config):
+    cfg = tiny_config(**CLASS_LORA, train={"trainable": ("lora",), "lr": 1e-2})
+    run = Path(cfg.train.out_dir)
+    result = train(cfg, run)
+    base = load_file(str(run / "base.safetensors"))  # the seeded initial weights of everything frozen
+    state = result.net.state_dict()
+    assert base and all(torch.equal(state[k], v) for k, v in base.items())
+    owned = lora_owned(result.net)
+    assert not (set(base) & owned) and set(base) | owned == set(state)
+    ckpt = load_latest(run / "checkpoints")
+    assert set(ckpt.tensors["model"]) == owned  # adapters and strategies only
+    trainable = {n for n, p in result.net.named_parameters() if p.requires_grad}
+    assert set(ckpt.tensors["ema"]) == trainable and trainable <= owned
+    assert ckpt.state["base"]["kind"] == "run" and ckpt.state["base"]["path"] == "base.safetensors"
+    net, _, _ = load_model(run, use_ema=False)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+def test_trainable_patterns_and_errors(tiny_config):
+    cfg = tiny_config(train={"trainable": ("out_conv.*",), "steps": 2})
+    result = train(cfg, Path(cfg.train.out_dir))
+    assert {n for n, p in result.net.named_parameters() if p.requires_grad} == {"out_conv.weight", "out_conv.bias"}
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train(tiny_config(train={"trainable": ("nothing.*",), "out_dir": ""}), Path(cfg.train.out_dir).with_name("b"))
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        train(tiny_config(train={"trainable": ("lora",)}), Path(cfg.train.out_dir).with_name("c"))
+
+
+def test_init_from_a_run_round_trip(tiny_config, tmp_path):
+    source_cfg = tiny_config(train={"out_dir": str(tmp_path / "source")})
+    train(source_cfg, tmp_path / "source")
+    source, _, _ = load_model(tmp_path / "source")  # EMA weights
+    cfg = tiny_config(**CLASS_LORA, train={"trainable": ("lora",), "init_from": str(tmp_path / "source"),
+                                           "out_dir": str(tmp_path / "tuned"), "lr": 1e-2})  # fmt: skip
+    result = train(cfg, tmp_path / "tuned")
+    ckpt = load_latest(tmp_path / "tuned" / "checkpoints")
+    assert ckpt.state["base"]["kind"] == "condlora" and len(ckpt.state["base"]["sha256"]) == 64
+    assert set(ckpt.tensors["model"]) == lora_owned(result.net)  # the base is referenced, not copied
+    assert not (tmp_path / "tuned" / "base.safetensors").exists()
+    ups = [layer.lora_up for _, layer in conditioned_layers(result.net)]
+    assert all(u.abs().sum() > 0 for u in ups)  # on a trained base, the adapters train
+    tuned, _, _ = load_model(tmp_path / "tuned")
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 50, 99])
+    labels = torch.tensor([1, 2, 3, -1])
+    with torch.no_grad():
+        at_zero = _predict(tuned, x, t, Conditions(labels=labels, lora_scale=torch.zeros(4)))
+        assert torch.equal(at_zero, _predict(source, x, t, Conditions(labels=labels)))  # the base is the source
+        assert not torch.allclose(_predict(tuned, x, t, Conditions(labels=labels)), at_zero)
+    # the source changed under the tuned run: loading it names the problem
+    state = tmp_path / "source" / "checkpoints" / "step-000000012" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "note": "edited"}))
+    with pytest.raises(CheckpointError, match="changed since the run started"):
+        load_model(tmp_path / "tuned")
+
+
+def test_init_from_a_run_with_another_architecture_is_named(tiny_config, tmp_path):
+    train(tiny_config(train={"out_dir": str(tmp_path / "source"), "steps": 2}), tmp_path / "source")
+    cfg = tiny_config(nano={"channels": 16}, train={"init_from": str(tmp_path / "source"), "steps": 2})
+    with pytest.raises(ValueError, match="train.init_from .* has shape"):
+        train(cfg, tmp_path / "other")
+
+
+def test_loss_terms_each_get_a_metrics_column(tiny_config, monkeypatch):
+    original = DDPM.loss
+
+    def with_terms(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        return {**terms, "half": terms["loss"] / 2}
+
+    monkeypatch.setattr(DDPM, "loss", with_terms)
+    cfg = tiny_config(train={"steps": 4})
+    train(cfg, Path(cfg.train.out_dir))
+    rows = list(csv.DictReader(open(Path(cfg.train.out_dir) / "metrics.csv")))
+    assert list(rows[0]) == ["step", "loss", "half", "lr", "grad_norm", "steps_per_sec", "elapsed_s"]
+    for row in rows:
+        assert float(row["half"]) == pytest.approx(float(row["loss"]) / 2, rel=1e-6)
+
+
+def _tiny_unet(kind: str):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    common = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+              "block_out_channels": (16, 32), "norm_num_groups": 8}  # fmt: skip
+    if kind == "UNet2DModel":
+        return diffusers.UNet2DModel(**common, attention_head_dim=8, up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                                     down_block_types=("DownBlock2D", "AttnDownBlock2D"))  # fmt: skip
+    return diffusers.UNet2DConditionModel(
+        **common, cross_attention_dim=12, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
+@torch.no_grad()
+def test_conditions_reach_the_lora_layers_of_diffusers_unets(kind):
+    from condlora.lora import LoRASpec
+    from condlora.nets.diffusers_unet import DiffusersUNet
+
+    unet = _tiny_unet(kind)
+    net = DiffusersUNet(unet, LoRASpec(time="compositional", time_bases=4, num_timesteps=100, classes="select",
+                                       num_classes=3), num_classes=3)  # fmt: skip
+    layers = [layer for _, layer in conditioned_layers(net)]
+    assert layers and all(layer.conditions is None for layer in layers)
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_up, std=0.05)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 95])
+    context = torch.randn(3, 4, 12) if kind == "UNet2DConditionModel" else None
+    cond = Conditions(labels=torch.tensor([0, 1, 2]), context=context)
+    batched = _predict(net, x, t, cond)
+    for i in range(3):  # each sample alone gets what it got in the batch
+        one = Conditions(labels=cond.labels[i : i + 1], context=None if context is None else context[i : i + 1])
+        assert torch.allclose(_predict(net, x[i : i + 1], t[i : i + 1], one), batched[i : i + 1], atol=1e-5)
+    assert all(layer.conditions is None for layer in layers)  # bound for the call only
+    base = _predict(net, x, t, cond.replace(lora_scale=torch.zeros(3)))
+    kwargs = {"encoder_hidden_states": context} if context is not None else {}
+    plain = _tiny_unet(kind)
+    plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items()
+                           if "lora_" not in k and "strategies" not in k})  # fmt: skip
+    assert torch.allclose(base, plain(x, t.float(), **kwargs).sample, atol=1e-5)
+
+
+def test_diffusers_backbone_from_a_local_folder(tiny_config, tmp_path):
+    unet = _tiny_unet("UNet2DModel")
+    unet.save_pretrained(tmp_path / "unet")
+    cfg = tiny_config(
+        model={"backbone": "diffusers", "conditioning": "with_lora"},
+        lora={"time": "compositional", "time_bases": 4, "classes": "select"},
+        train={"init_from": str(tmp_path / "unet"), "trainable": ("lora",), "steps": 3},
+    )
+    result = train(cfg, Path(cfg.train.out_dir))
+    ckpt = load_latest(Path(cfg.train.out_dir) / "checkpoints")
+    assert ckpt.state["base"]["kind"] == "diffusers"
+    assert set(ckpt.tensors["model"]) == lora_owned(result.net)
+    net, _, _ = load_model(cfg.train.out_dir, use_ema=False)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in result.net.state_dict().items())
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors is missing"):
+        load_model(cfg.train.out_dir)
+
+
+def test_resume_of_an_adapter_run_is_exact(tiny_config, tmp_path, monkeypatch):
+    from condlora.train import EMA
+
+    train(tiny_config(train={"out_dir": str(tmp_path / "source"), "steps": 6}), tmp_path / "source")
+
+    def config(name):
+        return tiny_config(**CLASS_LORA, train={"trainable": ("lora",), "init_from": str(tmp_path / "source"),
+                                                "out_dir": str(tmp_path / name), "lr": 1e-2})  # fmt: skip
+
+    train(config("full"), tmp_path / "full")
+    original = EMA.update
+
+    def killed(self, net, num_updates):
+        if num_updates == 9:
+            raise KeyboardInterrupt
+        original(self, net, num_updates)
+
+    monkeypatch.setattr(EMA, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("part"), tmp_path / "part")
+    monkeypatch.setattr(EMA, "update", original)
+    train(config("part"), tmp_path / "part", resume=True)
+    a, b = (load_latest(tmp_path / name / "checkpoints") for name in ("full", "part"))
+    assert a.step == b.step == 12
+    for group in ("model", "ema", "optimizer"):
+        assert a.tensors[group].keys() == b.tensors[group].keys()
+        assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group]), group
