@@ -1,11 +1,14 @@
 """Cost of LoRA conditioning on the nano U-Net, as ratios measured in one run on this machine.
 
-    python benchmarks/lora_overhead.py [--device cpu|cuda] [--batch 128] [--repeats 15]
+    python benchmarks/lora_overhead.py [--device cpu|cuda] [--compile MODE] [--batch 128] [--repeats 15]
 
 1. training step (forward + backward + AdamW) with_lora (TimeLoRA + ClassLoRA) / baseline;
 2. sampling step (one network call, one timestep and one class for the whole batch, marked `shared`, so
    every LoRA layer takes its merged path) with_lora / baseline, and the same call on the batched path;
 3. one conditioned layer: batched rank-(r*M) product / naive per-sample W_t = W + sum_i omega_i B_i A_i.
+With --compile, both networks run under torch.compile(fullgraph=True, mode=MODE) (e.g. default or
+reduce-overhead, which adds CUDA graphs): on a GPU the eager nano U-Net is bound by the host issuing
+kernels, so the extra LoRA operations cost host time there that compilation fuses away.
 Timings are medians over interleaved repeats, so slow drifts of the machine hit both sides alike; on a GPU
 each timing waits for the device to finish (the only host synchronisation, outside the timed code).
 """
@@ -24,6 +27,7 @@ from condlora.nets import build_network
 from condlora.presets import build_config
 
 DEVICE = torch.device("cpu")
+COMPILE = ""
 
 
 def _sync() -> None:
@@ -62,6 +66,9 @@ def _nets():
     lora = build_network(build_config("mnist-nano")).to(DEVICE)  # TimeLoRA + ClassLoRA beside scale-and-shift
     for _, layer in conditioned_layers(lora):
         torch.nn.init.normal_(layer.lora_up, std=0.01)  # a trained adapter is non-zero
+    if COMPILE:
+        torch._dynamo.config.cache_size_limit = 64
+        return tuple(torch.compile(net, fullgraph=True, mode=COMPILE) for net in (base, lora))
     return base, lora
 
 
@@ -112,7 +119,7 @@ def _naive(layer: ConditionedLoRA, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def layer_ratio(batch: int, repeats: int) -> float:
     _, lora = _nets()
-    layer = next(layer for name, layer in conditioned_layers(lora) if name.endswith("qkv"))
+    layer = next(layer for name, layer in conditioned_layers(lora) if name.endswith("qkv"))  # eager
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 49, layer.c_in, generator=g).to(DEVICE)  # the 7x7 tokens of the lowest level
     _, _, layer.conditions = _data(batch, shared=False)
@@ -127,11 +134,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--compile", default="", help="torch.compile mode for both networks (default: eager)")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, COMPILE
+    DEVICE, COMPILE = torch.device(args.device), args.compile
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, batch {args.batch}")
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, {COMPILE or 'eager'}")
     train = training_ratio(args.batch, args.repeats)
     merged, batched = sampling_ratios(args.batch, args.repeats)
     layer = layer_ratio(args.batch, args.repeats)

@@ -229,3 +229,21 @@ def test_time_table_reads_the_step_the_process_sets_not_the_noise_level():
     first = layer(x)
     layer.conditions = Conditions(step=torch.tensor([99, 0]))
     assert not torch.allclose(first, layer(x))
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="CPU kernels of the torch that wrote it")
+def test_training_today_reproduces_the_0_1_run_bit_for_bit(tmp_path):
+    from condlora.cli import main
+
+    argv = ["train", "--preset", "digits-nano", "--nano.channels", "8", "--nano.channel_mult", "1,2",
+            "--nano.attn_levels", "1", "--nano.num_heads", "2", "--ddpm.num_timesteps", "100", "--train.steps", "40",
+            "--train.lr", "3e-3", "--train.warmup_steps", "2", "--train.batch_size", "16",
+            "--train.checkpoint_every", "0", "--train.log_every", "10", "--train.progress", "false",
+            "--train.device", "cpu", "--model.conditioning", "with_lora", "--lora.time", "compositional",
+            "--lora.time_bases", "5", "--lora.classes", "select", "--no-sample",
+            "--train.out_dir", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 0  # the command of tests/fixtures/README.md, in today's option names
+    for group in ("model", "ema"):
+        old = load_file(str(FIXTURE / "checkpoints" / "step-000000040" / f"{group}.safetensors"))
+        new = load_file(str(tmp_path / "r" / "checkpoints" / "step-000000040" / f"{group}.safetensors"))
+        assert all(torch.equal(old[k], v) for k, v in new.items()), group

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_until_killed
 from safetensors.torch import load_file
 
 from condlora.conditions import Conditions
@@ -164,7 +165,6 @@ def test_diffusers_backbone_from_a_local_folder(tiny_config, tmp_path):
 
 
 def test_resume_of_an_adapter_run_is_exact(tiny_config, tmp_path, monkeypatch):
-    from condlora.train import EMA
 
     train(tiny_config(train={"out_dir": str(tmp_path / "source"), "steps": 6}), tmp_path / "source")
 
@@ -173,17 +173,7 @@ def test_resume_of_an_adapter_run_is_exact(tiny_config, tmp_path, monkeypatch):
                                                 "out_dir": str(tmp_path / name), "lr": 1e-2})  # fmt: skip
 
     train(config("full"), tmp_path / "full")
-    original = EMA.update
-
-    def killed(self, net, num_updates):
-        if num_updates == 9:
-            raise KeyboardInterrupt
-        original(self, net, num_updates)
-
-    monkeypatch.setattr(EMA, "update", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(config("part"), tmp_path / "part")
-    monkeypatch.setattr(EMA, "update", original)
+    train_until_killed(config("part"), tmp_path / "part", monkeypatch)
     train(config("part"), tmp_path / "part", resume=True)
     a, b = (load_latest(tmp_path / name / "checkpoints") for name in ("full", "part"))
     assert a.step == b.step == 12

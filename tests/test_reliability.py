@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import poison_loss, train_until_killed
 from safetensors.torch import load_file
 from test_cli import TINY
 
 from condlora.cli import main
 from condlora.config import ConfigError, RunConfig
-from condlora.diffusion import DDPM
-from condlora.train import EMA, RunDirectoryError, TrainingDiverged, train
+from condlora.train import RunDirectoryError, TrainingDiverged, train
 from condlora.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from condlora.train.distributed import init_distributed
 
@@ -167,15 +167,7 @@ def test_non_finite_floats_in_a_saved_config_are_rejected():
 
 def test_divergence_before_any_checkpoint_says_so(tiny_config, monkeypatch):
     cfg = tiny_config()
-    original = DDPM.loss
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        calls["n"] += 1
-        loss = original(self, *args, **kwargs)["loss"]
-        return {"loss": loss * float("nan") if calls["n"] == 2 else loss}
-
-    monkeypatch.setattr(DDPM, "loss", poisoned)
+    poison_loss(monkeypatch, 2, lambda loss: loss * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss became nan at step 2; stopping. No checkpoint was written yet"):
         train(cfg, Path(cfg.train.out_dir))
 
@@ -320,17 +312,7 @@ def test_deterministic_resume_on_a_gpu_is_bit_identical(tiny_config, tmp_path, m
         return tiny_config(train={"device": "cuda", "deterministic": True, "out_dir": str(tmp_path / name)})
 
     train(config("full"), tmp_path / "full")
-    original = EMA.update
-
-    def killed(self, net, num_updates):  # the run dies during step 10; the checkpoint of step 8 is on disk
-        if num_updates == 9:
-            raise KeyboardInterrupt
-        original(self, net, num_updates)
-
-    monkeypatch.setattr(EMA, "update", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(config("part"), tmp_path / "part")
-    monkeypatch.setattr(EMA, "update", original)
+    train_until_killed(config("part"), tmp_path / "part", monkeypatch)  # the checkpoint of step 8 is on disk
     train(config("part"), tmp_path / "part", resume=True)
     a = load_latest(tmp_path / "full" / "checkpoints")
     b = load_latest(tmp_path / "part" / "checkpoints")

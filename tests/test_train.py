@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import poison_loss, train_until_killed
 
-from condlora.diffusion import DDPM
 from condlora.train import EMA, StepBatchSampler, TrainingDiverged, lr_at, train
 from condlora.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest
 
@@ -37,17 +37,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     train(full, tmp_path / "full")
     # kill the run during step 10 (the checkpoint of step 8 is on disk), then resume it
     part = tiny_config(train={"out_dir": str(tmp_path / "part")}, data={"hflip": True})
-    original = EMA.update
-
-    def killed(self, net, num_updates):
-        if num_updates == 9:
-            raise KeyboardInterrupt
-        original(self, net, num_updates)
-
-    monkeypatch.setattr(EMA, "update", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(part, tmp_path / "part")
-    monkeypatch.setattr(EMA, "update", original)
+    train_until_killed(part, tmp_path / "part", monkeypatch)
     assert load_latest(tmp_path / "part" / "checkpoints").step == 8
     result = train(part, tmp_path / "part", resume=True)
     assert result.steps == 12
@@ -102,15 +92,7 @@ def test_all_checkpoints_corrupt_is_an_error(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
     cfg = tiny_config()
     run = Path(cfg.train.out_dir)
-    original = DDPM.loss
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        calls["n"] += 1
-        loss = original(self, *args, **kwargs)["loss"]
-        return {"loss": loss * float("nan") if calls["n"] == 6 else loss}
-
-    monkeypatch.setattr(DDPM, "loss", poisoned)
+    poison_loss(monkeypatch, 6, lambda loss: loss * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss became nan at step 6.*step-000000004"):
         train(cfg, run)
     ckpt = load_latest(run / "checkpoints")
@@ -174,16 +156,8 @@ def test_dataloader_workers_do_not_change_the_result(tiny_config, tmp_path):
 
 def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(tiny_config, monkeypatch):
     cfg = tiny_config()
-    original = DDPM.loss
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        calls["n"] += 1
-        loss = original(self, *args, **kwargs)["loss"]
-        # sqrt(0 * loss) adds 0 to the value, but its gradient is inf * 0 = nan
-        return {"loss": loss + torch.sqrt(0 * loss) if calls["n"] == 6 else loss}
-
-    monkeypatch.setattr(DDPM, "loss", poisoned)
+    # sqrt(0 * loss) adds 0 to the value, but its gradient is inf * 0 = nan
+    poison_loss(monkeypatch, 6, lambda loss: loss + torch.sqrt(0 * loss))
     with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 6"):
         train(cfg, Path(cfg.train.out_dir))
     ckpt = load_latest(Path(cfg.train.out_dir) / "checkpoints")

@@ -79,7 +79,7 @@ class ConditionedLoRA(nn.Module):
             shape = next(p.shape for p in parts if p.dim() > 2)
             parts = [p if p.dim() > 2 else self._broadcast(p, x).expand(self._with_channels(shape, p)) for p in parts]
             dim = self.channel_dim
-        omega = torch.cat([p.to(x.dtype) for p in parts], dim=dim)
+        omega = parts[0].to(x.dtype) if len(parts) == 1 else torch.cat([p.to(x.dtype) for p in parts], dim=dim)
         if cond.lora_scale is not None:
             omega = omega * cond.lora_scale.to(x.dtype).reshape(-1, *([1] * (omega.dim() - 1)))
         return omega * self.scaling if self.scaling != 1.0 else omega
@@ -90,9 +90,14 @@ class ConditionedLoRA(nn.Module):
         sizes[self.channel_dim] = part.shape[1]
         return sizes
 
+    def _scaled_up(self, omega: torch.Tensor) -> torch.Tensor:
+        """[omega_1 B_1 | ... | omega_M B_M] for one omega (M,): B's columns are basis-major, r per basis."""
+        up = self.lora_up.view(self.c_out, self.num_bases, self.rank)
+        return (up * omega.to(up.dtype)[None, :, None]).reshape(self.c_out, -1)
+
     def delta_weight(self, omega: torch.Tensor) -> torch.Tensor:
         """sum_i omega_i B_i A_i for one omega (M,), as a (C_out, C_in) matrix."""
-        return self.lora_up @ (omega.repeat_interleave(self.rank)[:, None] * self.lora_down)
+        return self._scaled_up(omega) @ self.lora_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cond = self.conditions
@@ -129,7 +134,7 @@ class ConditionedLoRA(nn.Module):
         return out
 
     def _forward_merged(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        weight = self._base_weight() + self.delta_weight(omega)
+        weight = torch.addmm(self._base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i
         bias = self.base_layer.bias
         if self.basis_bias is not None:
             extra = omega.repeat_interleave(self.rank) @ self.basis_bias

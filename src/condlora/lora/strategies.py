@@ -108,14 +108,14 @@ class ClassSelect(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = self.num_bases = num_classes
+        self.register_buffer("classes", torch.arange(num_classes), persistent=False)
 
     def class_weights(self, cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
         """(B, C) weights over classes from class_vector or labels, in `dtype`."""
         if cond.class_vector is not None:
             return cond.class_vector.to(dtype)
         labels = _require(cond.labels, "labels", "ClassLoRA")
-        classes = torch.arange(self.num_classes, device=labels.device)
-        return (labels[:, None] == classes).to(dtype)  # NULL_LABEL matches no class: a zero row
+        return (labels[:, None] == self.classes).to(dtype)  # NULL_LABEL matches no class: a zero row
 
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.class_weights(cond, x.dtype if x is not None else torch.float32)

@@ -48,7 +48,7 @@ class Checkpoint:
         return int(self.state["step"])
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -104,7 +104,7 @@ def save_checkpoint(
         save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(path))
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     write_json_atomic(tmp / STATE_FILE, {**state, "format_version": FORMAT_VERSION, "step": step, "files": files})
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
@@ -164,7 +164,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         size = file.stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"truncated checkpoint file {file}: {size} bytes, expected {meta['bytes']}")
-        if _sha256(file) != meta["sha256"]:
+        if sha256_of(file) != meta["sha256"]:
             raise CheckpointError(f"corrupt checkpoint file {file}: SHA-256 does not match state.json")
         try:
             tensors[file.name.removesuffix(".safetensors")] = load_file(str(file))

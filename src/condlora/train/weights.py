@@ -10,7 +10,6 @@ own `base.safetensors`, written once.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,17 +22,9 @@ from torch import nn
 
 from condlora.config import RunConfig
 from condlora.lora import conditioned_layers
-from condlora.train.checkpoint import STATE_FILE, Checkpoint, CheckpointError, resolve_checkpoint
+from condlora.train.checkpoint import STATE_FILE, Checkpoint, CheckpointError, resolve_checkpoint, sha256_of
 
 BASE_FILE = "base.safetensors"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def lora_owned(net: nn.Module) -> set[str]:
