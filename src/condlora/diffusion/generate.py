@@ -31,6 +31,7 @@ def batch_conditions(labels: torch.Tensor, num_classes: int, device: torch.devic
     shared = bool((labels == labels[0]).all())
     if num_classes == 0:
         return Conditions(shared=True)
+    Conditions(labels=labels).check(num_classes=num_classes)  # the boundary: checked once, on the host copy
     return Conditions(labels=labels.to(device), shared=shared)
 
 
