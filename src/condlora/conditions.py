@@ -49,10 +49,6 @@ class Conditions:
         """A copy with the given fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def to(self, device: torch.device | str) -> Conditions:
-        """A copy with every tensor on `device`."""
-        return self.replace(**{name: value.to(device) for name, value in self._tensors().items()})
-
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if torch.is_tensor(getattr(self, f.name))
@@ -104,19 +100,15 @@ class Conditions:
 
     def check(self, num_classes: int | None = None, num_timesteps: int | None = None) -> Conditions:
         """Validate the values against a model's sizes (reads them: call it at boundaries, never per layer)."""
-        if self.labels is not None and num_classes is not None:
-            labels = self.labels
-            if labels.numel() and (int(labels.min()) < NULL_LABEL or int(labels.max()) >= max(num_classes, 0)):
-                if not (num_classes == 0 and bool((labels == NULL_LABEL).all())):
-                    raise ValueError(
-                        f"labels must be in [0, {num_classes}) or {NULL_LABEL}, "
-                        f"got {int(labels.min())}..{int(labels.max())}"
-                    )
+        if self.labels is not None and num_classes is not None and self.labels.numel():
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < NULL_LABEL or high >= num_classes:
+                raise ValueError(f"labels must be in [0, {num_classes}) or {NULL_LABEL}, got {low}..{high}")
         if self.class_vector is not None and num_classes is not None and self.class_vector.shape[-1] != num_classes:
             raise ValueError(f"class_vector has {self.class_vector.shape[-1]} entries, expected {num_classes}")
         if self.step is not None and num_timesteps is not None and self.step.numel():
-            if int(self.step.min()) < 0 or int(self.step.max()) >= num_timesteps:
-                low, high = int(self.step.min()), int(self.step.max())
+            low, high = int(self.step.min()), int(self.step.max())
+            if low < 0 or high >= num_timesteps:
                 raise ValueError(f"steps must be in [0, {num_timesteps}) (0-based), got {low}..{high}")
         return self
 

@@ -418,19 +418,18 @@ class RunConfig:
 # settings in `diffusion`; version 2 gives each its own section. Old name -> (new section, new name).
 _MOVED_IN_V2 = {
     "model": {
-        **{name: ("nano", name) for name in ("channels", "channel_mult", "num_res_blocks", "attn_levels")},
-        "num_heads": ("nano", "num_heads"),
-        "dropout": ("nano", "dropout"),
+        **{
+            name: ("nano", name)
+            for name in ("channels", "channel_mult", "num_res_blocks", "attn_levels", "num_heads", "dropout")
+        },  # fmt: skip
+        **{
+            name: ("lora", name)
+            for name in ("time_bases", "omega", "omega_init", "class_bases", "uc_bases", "uc_widths")
+        },  # fmt: skip
         "lora_rank": ("lora", "rank"),
         "lora_targets": ("lora", "targets"),
         "time_lora": ("lora", "time"),
-        "time_bases": ("lora", "time_bases"),
-        "omega": ("lora", "omega"),
-        "omega_init": ("lora", "omega_init"),
         "class_lora": ("lora", "classes"),
-        "class_bases": ("lora", "class_bases"),
-        "uc_bases": ("lora", "uc_bases"),
-        "uc_widths": ("lora", "uc_widths"),
         "lora_bias": ("lora", "basis_bias"),
     },
     "diffusion": {name: ("ddpm", name) for name in ("num_timesteps", "schedule", "beta_start", "beta_end")},

@@ -382,7 +382,8 @@ def train(
         base = ckpt.state.get("base")
         net.load_state_dict(load_base(base, out_dir, net), strict=False)
     else:
-        base = init_base(net, cfg.train.init_from, out_dir, write=dist.is_main)
+        diffusers = cfg.model.backbone == "diffusers"
+        base = init_base(net, cfg.train.init_from, out_dir, write=dist.is_main, diffusers=diffusers)
     state = _build_state(cfg, net, dist, base)
     if ckpt is not None:
         _restore(state, ckpt, cfg, dist)

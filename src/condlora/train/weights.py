@@ -10,7 +10,6 @@ own `base.safetensors`, written once.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +151,13 @@ def load_base(reference: dict[str, Any] | None, run_dir: Path, net: nn.Module) -
     raise CheckpointError(f"unknown base reference kind {kind!r}")
 
 
-def init_base(net: nn.Module, init_from: str, run_dir: Path, write: bool) -> dict[str, Any] | None:
+def init_base(
+    net: nn.Module,
+    init_from: str,
+    run_dir: Path,
+    write: bool,
+    diffusers: bool = False,
+) -> dict[str, Any] | None:
     """Initialise `net`'s base and return the reference checkpoints record for it (None when every weight
     trains and nothing was loaded).
 
@@ -161,9 +166,10 @@ def init_base(net: nn.Module, init_from: str, run_dir: Path, write: bool) -> dic
             local diffusers folder (already loaded by `build_network`).
         run_dir: where `base.safetensors` goes for a self-initialised frozen base.
         write: write that file (rank 0 only; the others just compute the reference).
+        diffusers: the network is the diffusers backbone, built from `init_from` by `build_network`.
     """
     frozen = base_keys(net)
-    if init_from and (Path(init_from) / "config.json").is_file() and _is_diffusers(Path(init_from)):
+    if diffusers:
         from condlora.nets.diffusers_unet import DIFFUSERS_WEIGHTS
 
         weights = Path(init_from) / DIFFUSERS_WEIGHTS
@@ -183,10 +189,3 @@ def init_base(net: nn.Module, init_from: str, run_dir: Path, write: bool) -> dic
         save_file({k: state[k].detach().cpu().contiguous() for k in frozen}, str(tmp))
         os.replace(tmp, path)
     return {"kind": "run", "path": BASE_FILE, "sha256": sha256_of(path) if write else ""}
-
-
-def _is_diffusers(folder: Path) -> bool:
-    try:
-        return "_diffusers_version" in json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
