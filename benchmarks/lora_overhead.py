@@ -16,10 +16,9 @@ each timing waits for the device to finish (the only host synchronisation, outsi
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import describe, median_pair
 
 from condlora.conditions import Conditions
 from condlora.lora import ConditionedLoRA, conditioned_layers
@@ -30,24 +29,8 @@ DEVICE = torch.device("cpu")
 COMPILE = ""
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def _median_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    for fn in (fn_a, fn_b):  # warm-up
-        fn()
-        fn()
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, out in ((fn_a, a), (fn_b, b)):
-            _sync()
-            start = time.perf_counter()
-            fn()
-            _sync()
-            out.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+    return median_pair(fn_a, fn_b, repeats, DEVICE)
 
 
 def _train_step(net, opt, x, t, cond):
@@ -138,8 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE, COMPILE
     DEVICE, COMPILE = torch.device(args.device), args.compile
-    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, batch {args.batch}, {COMPILE or 'eager'}")
+    print(f"{describe(DEVICE)}, batch {args.batch}, {COMPILE or 'eager'}")
     train = training_ratio(args.batch, args.repeats)
     merged, batched = sampling_ratios(args.batch, args.repeats)
     layer = layer_ratio(args.batch, args.repeats)

@@ -1,8 +1,9 @@
-"""`condlora train | sample | info`: parse arguments and call the library."""
+"""`condlora train | sample | eval | plots | info | convert-edm`: parse arguments and call the library."""
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -157,6 +158,14 @@ def cmd_plots(args: argparse.Namespace) -> None:
     print("\n".join(f"  {p}" for p in paths))
 
 
+def cmd_convert_edm(args: argparse.Namespace) -> None:
+    from condlora.nets.edm_pickle import convert_edm_pickle
+
+    ckpt = convert_edm_pickle(args.pickle, args.out, key=args.key)
+    print(f"converted {args.pickle} ({args.key}) to {ckpt}\n  sample it: condlora sample {args.out}")
+    print(f"  fine-tune from it: condlora train --preset ... --train.init_from {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a trained model to a PNG grid and an .npz")
     p.add_argument("checkpoint", help="a run directory (newest good checkpoint) or one checkpoint directory")
     p.add_argument("--out", help="output prefix (writes PREFIX.png and PREFIX.npz)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"])
-    p.add_argument("--steps", type=int, help="network evaluations per sample")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], help="ddpm / ddim (ddpm family), heun (edm)")
+    p.add_argument("--steps", type=int, help="ddpm / ddim: network evaluations per sample; heun: noise levels")
     p.add_argument("--eta", type=float, help="DDIM stochasticity in [0, 1]")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = conditional)")
     p.add_argument("--count", type=int, help="number of images")
@@ -205,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the architecture of a preset + overrides and its parameter count")
     _add_config_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "convert-edm",
+        help="convert a published EDM network pickle (DDPM++) into a condlora run directory, without running its code",
+    )
+    p.add_argument("pickle", help="e.g. edm-cifar10-32x32-uncond-vp.pkl (a local file)")
+    p.add_argument("out", help="new run directory to write")
+    p.add_argument("--key", default="ema", help="which network of the pickle [default: ema]")
+    p.set_defaults(func=cmd_convert_edm)
     return parser
 
 
@@ -212,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError, FileExistsError, pickle.UnpicklingError) as err:
         print(f"condlora {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -79,8 +79,10 @@ class DataConfig:
 class ModelConfig:
     """The denoising network: which backbone, the images it takes, and how it is conditioned."""
 
-    backbone: Literal["nano", "diffusers"] = _field(
-        "nano", "network architecture: nano (section nano) or a diffusers UNet read from train.init_from"
+    backbone: Literal["nano", "ddpmpp", "diffusers"] = _field(
+        "nano",
+        "network architecture: nano (section nano), ddpmpp (EDM's DDPM++ U-Net, section ddpmpp) or a diffusers "
+        "UNet read from train.init_from",
     )
     image_size: int = _field(28, "input resolution the network is built for (square)")
     in_channels: int = _field(1, "image channels: 1 for grayscale, 3 for RGB")
@@ -143,6 +145,32 @@ class NanoConfig:
 
 
 @dataclass
+class DdpmppConfig:
+    """Architecture of EDM's DDPM++ U-Net (model.backbone = ddpmpp); defaults are EDM's CIFAR-10 network."""
+
+    model_channels: int = _field(128, "width multiplier of every level")
+    channel_mult: tuple[int, ...] = _field((2, 2, 2), "width per resolution level: 2,2,2 (CIFAR-10), 1,2,2,2 (FFHQ-64)")
+    channel_mult_emb: int = _field(4, "the condition embedding is channel_mult_emb * model_channels wide")
+    num_blocks: int = _field(4, "residual blocks per level (the decoder has one more)")
+    attn_resolutions: tuple[int, ...] = _field((16,), "resolutions with self-attention, e.g. 16")
+    dropout: float = _field(0.13, "dropout probability in the residual blocks, in [0, 1)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "ddpmpp")
+        _check(self.model_channels >= 4, "ddpmpp", "model_channels", "must be >= 4", self.model_channels)
+        _check(
+            len(self.channel_mult) > 0 and min(self.channel_mult) >= 1,
+            "ddpmpp",
+            "channel_mult",
+            "must be a non-empty list of integers >= 1",
+            self.channel_mult,
+        )
+        _check(self.channel_mult_emb >= 1, "ddpmpp", "channel_mult_emb", "must be >= 1", self.channel_mult_emb)
+        _check(self.num_blocks >= 1, "ddpmpp", "num_blocks", "must be >= 1", self.num_blocks)
+        _check(0 <= self.dropout < 1, "ddpmpp", "dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass
 class LoRAConfig:
     """Conditioned LoRA on the network's layers (TimeLoRA, ClassLoRA, UC-LoRA) and plain LoRA.
 
@@ -202,7 +230,9 @@ class LoRAConfig:
 class DiffusionConfig:
     """The diffusion family and what all families share."""
 
-    family: Literal["ddpm"] = _field("ddpm", "diffusion process: ddpm (section ddpm)")
+    family: Literal["ddpm", "edm"] = _field(
+        "ddpm", "diffusion process: ddpm (discrete steps, section ddpm) or edm (continuous sigma, section edm)"
+    )
     label_dropout: float = _field(
         0.1, "probability of replacing a label by the null class in training (classifier-free guidance)"
     )
@@ -241,6 +271,37 @@ class DDPMConfig:
 
 
 @dataclass
+class EDMConfig:
+    """The EDM process (diffusion.family = edm): noise distribution, preconditioning, augmentation, sampler."""
+
+    sigma_data: float = _field(0.5, "standard deviation of the data (images in [-1, 1])")
+    P_mean: float = _field(-1.2, "mean of ln(sigma) in training")
+    P_std: float = _field(1.2, "standard deviation of ln(sigma) in training")
+    sigma_min: float = _field(0.002, "lowest noise level of the sampler")
+    sigma_max: float = _field(80.0, "highest noise level of the sampler")
+    rho: float = _field(7.0, "spacing exponent of the sampler's noise levels")
+    S_churn: float = _field(0.0, "stochastic sampling: total churn (0 is the deterministic Heun sampler)")
+    S_min: float = _field(0.0, "churn only where sigma >= S_min")
+    S_max: float = _field(80.0, "churn only where sigma <= S_max")
+    S_noise: float = _field(1.0, "scale of the noise churn adds")
+    augment: float = _field(
+        0.12,
+        "probability p of the non-leaking augmentation (x-flip, y-flip, scaling, rotation, anisotropic scaling, "
+        "translation), whose 9 labels enter the network's embedding; 0 turns both off (ddpmpp backbone only)",
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "edm")
+        for name in ("sigma_data", "P_std", "sigma_min", "rho"):
+            _check(getattr(self, name) > 0, "edm", name, "must be > 0", getattr(self, name))
+        _check(self.sigma_max > self.sigma_min, "edm", "sigma_max", "must be > sigma_min", self.sigma_max)
+        _check(self.S_churn >= 0, "edm", "S_churn", "must be >= 0", self.S_churn)
+        _check(self.S_max >= self.S_min >= 0, "edm", "S_max", "must be >= S_min >= 0", self.S_max)
+        _check(self.S_noise >= 0, "edm", "S_noise", "must be >= 0", self.S_noise)
+        _check(0 <= self.augment <= 1, "edm", "augment", "must be in [0, 1]", self.augment)
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop, checkpoints and logs."""
 
@@ -252,6 +313,13 @@ class TrainConfig:
     lr_decay: Literal["constant", "cosine"] = _field("cosine", "learning-rate schedule after warm-up")
     grad_clip: float = _field(1.0, "clip the global gradient norm to this value; 0 disables")
     ema_decay: float = _field(0.995, "EMA decay of the weights (warmed up as min(decay, (1+n)/(10+n)))")
+    ema_halflife_kimg: float = _field(0.0, "EMA half-life in thousands of images (EDM); 0 uses ema_decay instead")
+    ema_rampup_ratio: float = _field(
+        0.05, "with a half-life: at most this fraction of the images seen so far (0 disables the ramp-up)"
+    )
+    precision: Literal["fp32", "bf16"] = _field(
+        "fp32", "fp32, or bf16 autocast of the forward pass (weights, optimizer and loss stay float32)"
+    )
     seed: int = _field(0, "seed of initialisation, data order, timesteps and noise")
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "device; auto picks cuda when available")
     log_every: int = _field(50, "steps between rows of metrics.csv")
@@ -280,6 +348,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train", "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.grad_clip >= 0, "train", "grad_clip", "must be >= 0", self.grad_clip)
         _check(0 <= self.ema_decay < 1, "train", "ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.ema_halflife_kimg >= 0, "train", "ema_halflife_kimg", "must be >= 0", self.ema_halflife_kimg)
+        _check(self.ema_rampup_ratio >= 0, "train", "ema_rampup_ratio", "must be >= 0", self.ema_rampup_ratio)
         _check(self.keep_checkpoints >= 1, "train", "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(len(self.trainable) > 0, "train", "trainable", "must name all, lora or some patterns", self.trainable)
 
@@ -288,8 +358,13 @@ class TrainConfig:
 class SampleConfig:
     """How images are drawn from a trained model."""
 
-    sampler: Literal["ddpm", "ddim"] = _field("ddpm", "ancestral DDPM (respaced to `steps`) or DDIM")
-    steps: int = _field(100, "network evaluations per sample (<= diffusion.num_timesteps)")
+    sampler: Literal["ddpm", "ddim", "heun"] = _field(
+        "ddpm", "ancestral DDPM (respaced to `steps`) or DDIM for the ddpm family; heun for edm"
+    )
+    steps: int = _field(
+        100,
+        "ddpm / ddim: network evaluations per sample (<= ddpm.num_timesteps); heun: noise levels N (2N-1 evaluations)",
+    )
     eta: float = _field(0.0, "DDIM stochasticity in [0, 1]; 0 is deterministic, 1 is ancestral")
     guidance_scale: float = _field(2.0, "classifier-free guidance scale w: 1 conditional, 0 unconditional")
     count: int = _field(100, "number of samples")
@@ -312,9 +387,11 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "nano": NanoConfig,
+    "ddpmpp": DdpmppConfig,
     "lora": LoRAConfig,
     "diffusion": DiffusionConfig,
     "ddpm": DDPMConfig,
+    "edm": EDMConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
 }
@@ -328,23 +405,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     nano: NanoConfig = field(default_factory=NanoConfig)
+    ddpmpp: DdpmppConfig = field(default_factory=DdpmppConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
         self._check_conditioning()
-        T = self.ddpm.num_timesteps
-        _check(
-            self.lora.time != "compositional" or self.lora.time_bases <= T,
-            "lora",
-            "time_bases",
-            f"must be <= ddpm.num_timesteps = {T}",
-            self.lora.time_bases,
-        )
-        _check(self.sample.steps <= T, "sample", "steps", f"must be <= ddpm.num_timesteps = {T}", self.sample.steps)
+        self._check_family()
         _check(
             self.sample.class_label < max(self.model.num_classes, 1) or self.sample.class_label == -1,
             "sample",
@@ -359,6 +430,47 @@ class RunConfig:
             "the diffusers backbone is read from a local model folder: give its path",
             self.train.init_from,
         )
+        if self.model.backbone == "ddpmpp":
+            levels = len(self.ddpmpp.channel_mult) - 1
+            _check(
+                self.model.image_size % (1 << levels) == 0,
+                "model",
+                "image_size",
+                f"must be divisible by 2^{levels} (ddpmpp.channel_mult has {levels + 1} levels)",
+                self.model.image_size,
+            )
+
+    def _check_family(self) -> None:
+        family, sampler = self.diffusion.family, self.sample.sampler
+        if family == "edm":
+            _check(sampler == "heun", "sample", "sampler", "the edm family samples with heun", sampler)
+            _check(self.sample.steps >= 2, "sample", "steps", "heun needs at least 2 noise levels", self.sample.steps)
+            _check(
+                self.lora.time == "none",
+                "lora",
+                "time",
+                "TimeLoRA reads discrete steps, which the continuous edm family has none of; use UC-LoRA",
+                self.lora.time,
+            )
+            _check(
+                self.edm.augment == 0 or self.model.backbone == "ddpmpp",
+                "edm",
+                "augment",
+                f"augmentation labels need the ddpmpp backbone (the {self.model.backbone} network cannot take "
+                "them, so augmentations would leak into samples); set 0",
+                self.edm.augment,
+            )
+            return
+        _check(sampler in ("ddpm", "ddim"), "sample", "sampler", "the ddpm family samples with ddpm or ddim", sampler)
+        T = self.ddpm.num_timesteps
+        _check(
+            self.lora.time != "compositional" or self.lora.time_bases <= T,
+            "lora",
+            "time_bases",
+            f"must be <= ddpm.num_timesteps = {T}",
+            self.lora.time_bases,
+        )
+        _check(self.sample.steps <= T, "sample", "steps", f"must be <= ddpm.num_timesteps = {T}", self.sample.steps)
 
     def _check_conditioning(self) -> None:
         banks, mode, lora = self.lora.conditioned, self.model.conditioning, self.lora

@@ -98,7 +98,7 @@ def class_path_grids(
 ) -> list[Path]:
     """Interpolation (alpha c_first + (1 - alpha) c_second) and extrapolation (beta c_first, beta in [-1, 1])
     grids: each row keeps one seed across its columns, so only the class input changes along a row."""
-    from condlora.diffusion import PerSampleNoise, classifier_free, ddim_sample, guided
+    from condlora.diffusion import PerSampleNoise, classifier_free, guided
     from condlora.eval.plots import class_path_vectors
 
     m, s = cfg.model, cfg.sample
@@ -110,11 +110,11 @@ def class_path_grids(
     paths = []
     for kind, vectors in class_path_vectors(m.num_classes, first, second, columns).items():
         cond = Conditions(labels=torch.full((columns,), NULL_LABEL, device=device), class_vector=vectors.to(device))
-        eps = guided(predict, classifier_free(cond, s.guidance_scale))
+        denoise = guided(predict, classifier_free(cond, s.guidance_scale))
         images = []
         for row in range(rows):
             noise = PerSampleNoise([s.seed + row] * columns, device)
-            x = ddim_sample(eps, process.schedule, noise, (m.in_channels, m.image_size, m.image_size), s.steps)
+            x = process.sample(denoise, noise, (m.in_channels, m.image_size, m.image_size), s)
             images.append(unscale(x.clamp(-1, 1)))
         grid = np.concatenate(images)
         paths.append(save_grid(grid, out_dir / f"class-{kind}-{first}-{second}.png", nrow=columns))

@@ -2,13 +2,17 @@
 
 Networks never see a schedule."""
 
+from condlora.diffusion.edm import EDM, EDMPrecond, heun_sample, karras_sigmas, precondition
 from condlora.diffusion.guidance import Guidance, classifier_free, guided, null_condition
-from condlora.diffusion.process import DDPM, UniformTimestepSampler, process_for
+from condlora.diffusion.process import DDPM, Process, UniformTimestepSampler, process_for
 from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample, respaced_timesteps
 from condlora.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, schedule_for
 
 __all__ = [
     "DDPM",
+    "EDM",
+    "EDMPrecond",
+    "Process",
     "Guidance",
     "NoiseSchedule",
     "PerSampleNoise",
@@ -18,8 +22,11 @@ __all__ = [
     "ddim_sample",
     "ddpm_sample",
     "guided",
+    "heun_sample",
+    "karras_sigmas",
     "linear_betas",
     "null_condition",
+    "precondition",
     "process_for",
     "respaced_timesteps",
     "schedule_for",

@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import SampleConfig
 from condlora.diffusion.guidance import classifier_free, guided
-from condlora.diffusion.process import DDPM, Network
-from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample
+from condlora.diffusion.process import Network, Process
+from condlora.diffusion.samplers import PerSampleNoise
 
 
 def sample_labels(cfg: SampleConfig, num_classes: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def batch_conditions(labels: torch.Tensor, num_classes: int, device: torch.devic
 @torch.no_grad()
 def generate(
     net: Network,
-    process: DDPM,
+    process: Process,
     cfg: SampleConfig,
     image_shape: tuple[int, int, int],
     num_classes: int,
@@ -66,10 +66,7 @@ def generate(
         batch_labels = labels[start : start + cfg.batch_size]
         noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
         cond = batch_conditions(batch_labels, num_classes, device)
-        eps_fn = guided(predict, classifier_free(cond, cfg.guidance_scale))
-        if cfg.sampler == "ddpm":
-            x = ddpm_sample(eps_fn, process.schedule, noise, image_shape, steps=cfg.steps)
-        else:
-            x = ddim_sample(eps_fn, process.schedule, noise, image_shape, steps=cfg.steps, eta=cfg.eta)
+        denoise = guided(predict, classifier_free(cond, cfg.guidance_scale))
+        x = process.sample(denoise, noise, image_shape, cfg)
         chunks.append(x.clamp(-1, 1).cpu())
     return torch.cat(chunks), labels

@@ -8,8 +8,9 @@ per-sample terms; the training step reduces them. Samplers are functions of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -17,9 +18,39 @@ from condlora.conditions import Conditions
 from condlora.diffusion.schedules import NoiseSchedule
 
 if TYPE_CHECKING:
-    from condlora.config import RunConfig
+    from condlora.config import RunConfig, SampleConfig
+    from condlora.diffusion.guidance import Denoiser
+    from condlora.diffusion.samplers import PerSampleNoise
 
 Network = Callable[[torch.Tensor, torch.Tensor, Conditions], torch.Tensor]  # net(x, noise_level, cond)
+
+
+class Process(Protocol):
+    """What every diffusion family provides (DDPM here, EDM in `condlora.diffusion.edm`).
+
+    `predict(net, x, t, cond)` is the family's prediction at its own time variable t (DDPM: eps at the integer
+    step; EDM: the denoised image at sigma); `loss` returns named per-sample terms; `sample` draws images from
+    a denoiser built on `predict` (with guidance); `preview` gives cheap sampler settings for training previews.
+    """
+
+    family: str
+
+    def predict(self, net: Network, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor: ...
+
+    def loss(
+        self, net: Network, x0: torch.Tensor, cond: Conditions, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]: ...
+
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: PerSampleNoise,
+        shape: Sequence[int],
+        sample: SampleConfig,
+        progress: bool = False,
+    ) -> torch.Tensor: ...
+
+    def preview(self, sample: SampleConfig) -> SampleConfig: ...
 
 
 class UniformTimestepSampler:
@@ -90,9 +121,35 @@ class DDPM:
         precision = torch.promote_types(eps.dtype, torch.float32)  # bf16 predictions: reduce in float32
         return {"loss": (eps.to(precision) - noise.to(precision)).pow(2).flatten(1).mean(dim=1)}
 
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: PerSampleNoise,
+        shape: Sequence[int],
+        sample: SampleConfig,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Ancestral DDPM or DDIM (as `sample.sampler` says) with `sample.steps` evaluations of eps."""
+        from condlora.diffusion.samplers import ddim_sample, ddpm_sample
 
-def process_for(cfg: RunConfig) -> DDPM:
+        if sample.sampler == "ddpm":
+            return ddpm_sample(denoise, self.schedule, noise, shape, steps=sample.steps, progress=progress)
+        if sample.sampler == "ddim":
+            return ddim_sample(denoise, self.schedule, noise, shape, sample.steps, sample.eta, progress=progress)
+        raise ValueError(f"the ddpm family samples with ddpm or ddim, not {sample.sampler!r}")
+
+    def preview(self, sample: SampleConfig) -> SampleConfig:
+        """Cheap settings for training previews: deterministic DDIM with at most 25 steps."""
+        return dataclasses.replace(sample, sampler="ddim", steps=min(25, sample.steps), eta=0.0)
+
+
+def process_for(cfg: RunConfig) -> Process:
     """The diffusion process a run's `diffusion` section names, from its family's section."""
+    if cfg.diffusion.family == "edm":
+        from condlora.data.augment import AugmentPipe
+        from condlora.diffusion.edm import EDM
+
+        return EDM(cfg.edm, AugmentPipe(cfg.edm.augment) if cfg.edm.augment > 0 else None)
     from condlora.diffusion.schedules import schedule_for
 
     return DDPM(schedule_for(cfg))

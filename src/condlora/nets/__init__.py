@@ -35,6 +35,27 @@ def _nano(cfg: RunConfig) -> nn.Module:
     )
 
 
+def _ddpmpp(cfg: RunConfig) -> nn.Module:
+    from condlora.data.augment import AUGMENT_DIM
+    from condlora.nets.ddpmpp import SongUNet
+
+    arch, augmented = cfg.ddpmpp, cfg.diffusion.family == "edm" and cfg.edm.augment > 0
+    return SongUNet(
+        img_resolution=cfg.model.image_size,
+        in_channels=cfg.model.in_channels,
+        label_dim=cfg.model.num_classes,
+        augment_dim=AUGMENT_DIM if augmented else 0,
+        model_channels=arch.model_channels,
+        channel_mult=arch.channel_mult,
+        channel_mult_emb=arch.channel_mult_emb,
+        num_blocks=arch.num_blocks,
+        attn_resolutions=arch.attn_resolutions,
+        dropout=arch.dropout,
+        conditioning=cfg.model.conditioning,
+        lora=lora_spec(cfg),
+    )
+
+
 def _diffusers(cfg: RunConfig) -> nn.Module:
     from condlora.nets.diffusers_unet import DiffusersUNet, load_diffusers_unet
 
@@ -42,7 +63,7 @@ def _diffusers(cfg: RunConfig) -> nn.Module:
     return DiffusersUNet(unet, lora_spec(cfg), num_classes=cfg.model.num_classes)
 
 
-BACKBONES: dict[str, Callable[[RunConfig], nn.Module]] = {"nano": _nano, "diffusers": _diffusers}
+BACKBONES: dict[str, Callable[[RunConfig], nn.Module]] = {"nano": _nano, "ddpmpp": _ddpmpp, "diffusers": _diffusers}
 
 
 def build_network(cfg: RunConfig) -> nn.Module:
@@ -51,6 +72,10 @@ def build_network(cfg: RunConfig) -> nn.Module:
     The diffusers backbone is read, weights included, from the local folder `cfg.train.init_from`.
     """
     return BACKBONES[cfg.model.backbone](cfg)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return type(module).__name__ == "AttentionBlock" or bool(getattr(module, "attention", False))
 
 
 def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:
@@ -68,7 +93,7 @@ def summarize(net: nn.Module, cfg: RunConfig) -> str:
     for name, child in net.named_children():
         n = sum(p.numel() for p in child.parameters())
         lines.append(f"  {name:<14} {type(child).__name__:<12} {n:>12,}")
-    attn = [name for name, module in net.named_modules() if type(module).__name__ == "AttentionBlock"]
+    attn = [name for name, module in net.named_modules() if _is_attention(module)]
     lora = [module for module in net.modules() if isinstance(module, ConditionedLoRA)]
     lines.append(f"conditioning: {m.conditioning}  attention blocks: {len(attn)}  LoRA layers: {len(lora)}")
     if lora:

@@ -64,7 +64,7 @@ class NanoUNet(nn.Module):
         lora: LoRASpec | None = None,
     ):
         super().__init__()
-        _check_mode(conditioning, lora)
+        check_mode(conditioning, lora)
         self.channels, self.num_classes, self.conditioning = channels, num_classes, conditioning
         emb_dim = emb_mult * channels
         keep_embedding = conditioning != "lora_only" or (lora is not None and lora.uc_bases > 0)
@@ -154,7 +154,8 @@ class NanoUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
-def _check_mode(conditioning: str, lora: LoRASpec | None) -> None:
+def check_mode(conditioning: str, lora: LoRASpec | None) -> None:
+    """Refuse a conditioning mode that contradicts the LoRA recipe (shared by every condlora backbone)."""
     conditioned = lora is not None and lora.conditioned
     if conditioning in ("with_lora", "lora_only") and not conditioned:
         raise ValueError(f"conditioning={conditioning} needs at least one LoRA bank (time, class or UC-LoRA)")

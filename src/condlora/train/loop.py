@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import RunConfig, differences
 from condlora.data import DataError, ImageDataset, build_datasets, random_hflip, unscale
-from condlora.diffusion import DDPM, process_for
+from condlora.diffusion import Process, process_for
 from condlora.diffusion.generate import generate
 from condlora.eval.images import save_grid
 from condlora.nets import build_network, count_parameters
@@ -95,7 +95,7 @@ def lr_at(step: int, cfg) -> float:
 def train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
-    process: DDPM,
+    process: Process,
     x0: torch.Tensor,
     labels: torch.Tensor | None,
     generator: torch.Generator,
@@ -113,7 +113,8 @@ def train_step(
     if labels is not None and cfg.diffusion.label_dropout > 0:
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.diffusion.label_dropout
         labels = torch.where(drop, NULL_LABEL, labels)
-    terms = process.loss(model, x0, Conditions(labels=labels), generator)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        terms = process.loss(model, x0, Conditions(labels=labels), generator)
     loss = terms["loss"].mean()
     means = {name: dist.mean(value.detach().mean()) for name, value in terms.items()}
     if not torch.isfinite(means["loss"]):
@@ -182,7 +183,9 @@ def _build_state(cfg: RunConfig, net: nn.Module, dist: DistContext, base: dict[s
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator(dist.device).manual_seed(cfg.train.seed + 7919 * (dist.rank + 1))
-    return _State(net=net, ema=EMA(net, cfg.train.ema_decay), opt=opt, generator=generator, base=base)
+    t = cfg.train
+    ema = EMA(net, t.ema_decay, t.ema_halflife_kimg * 1000, t.ema_rampup_ratio, t.batch_size)
+    return _State(net=net, ema=ema, opt=opt, generator=generator, base=base)
 
 
 def _rng_states(state: _State, dist: DistContext) -> list[dict[str, str]]:
@@ -225,7 +228,7 @@ def _resume_checkpoint(root: Path, dist: DistContext) -> Checkpoint | None:
 
 def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
     saved = RunConfig.from_dict(ckpt.state["config"])
-    sections = ("model", "nano", "lora")
+    sections = ("model", "nano", "ddpmpp", "lora")
     changed = [d for name in sections for d in differences(getattr(saved, name), getattr(cfg, name), name)]
     if changed:
         raise CheckpointError(
@@ -246,16 +249,11 @@ def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext)
     state.step, state.checkpoint = ckpt.step, ckpt.path
 
 
-def _preview(state: _State, cfg: RunConfig, process: DDPM, path: Path, dist: DistContext) -> None:
-    """A small sample grid from the EMA weights (4 per class, 25 DDIM steps)."""
+def _preview(state: _State, cfg: RunConfig, process: Process, path: Path, dist: DistContext) -> None:
+    """A small sample grid from the EMA weights (4 per class, the process's cheap sampler settings)."""
     k = max(cfg.model.num_classes, 1)
     preview = dataclasses.replace(
-        cfg.sample,
-        sampler="ddim",
-        steps=min(25, cfg.sample.steps),
-        eta=0.0,
-        count=4 * k if cfg.model.num_classes else 16,
-        class_label=-1,
+        process.preview(cfg.sample), count=4 * k if cfg.model.num_classes else 16, class_label=-1
     )
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     with state.ema.applied(state.net) as net:
