@@ -100,6 +100,28 @@ def test_labels_become_one_hot_class_vectors_and_null_the_zero_vector():
     assert torch.allclose(by_label, net(x, c, Conditions(class_vector=vectors)), atol=1e-6)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5])
+def test_classifier_free_guidance_mixes_the_published_conditional_and_unconditional_denoisers(scale):
+    from condlora.diffusion.guidance import classifier_free, guided
+
+    net = _fixture_net()
+    io, _ = _fixture_inputs()
+    labels = torch.tensor([3, 0, 9, 3])
+    augment = torch.zeros(4, AUGMENT_DIM)
+    process = EDM(build_config("mnist-edm").edm)
+    cond = Conditions(labels=labels, augment=augment)
+    denoise = guided(lambda x, s, c: process.predict(net.model, x, s, c), classifier_free(cond, scale))
+    # the published network's own reading: one-hot class vectors, the all-zero vector unconditional
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    d_cond = net(io["x"], io["sigma"], Conditions(class_vector=one_hot, augment=augment))
+    d_null = net(io["x"], io["sigma"], Conditions(class_vector=torch.zeros(4, 10), augment=augment))
+    expected = scale * d_cond + (1 - scale) * d_null
+    assert torch.allclose(denoise(io["x"], io["sigma"]), expected, atol=1e-5)
+    if scale != 1.0:  # the classes do change the denoiser, so the mix is not a no-op
+        assert not torch.allclose(d_cond, d_null, atol=1e-4)
+
+
 # preconditioning, sampler, loss: closed forms ------------------------------------------------------------------
 
 
