@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a tiny DDP run of one family (argv[2]:
-"ddpm" or "edm"); each rank then writes its final weights so the test can check that the ranks stayed in sync."""
+"ddpm", "iddpm" or "edm"); each rank then writes its final weights so the test can check that the ranks
+stayed in sync."""
 
 import sys
 from pathlib import Path
@@ -19,6 +20,14 @@ RUNS = {
             "ddpm": {"num_timesteps": 100},
         },
     ),
+    "iddpm": (  # IDDPM's U-Net with TimeLoRA + ClassLoRA, learned variance, importance-sampled steps
+        "mnist-iddpm",
+        {
+            "ddpm": {"num_timesteps": 50, "timestep_sampler": "loss-second-moment"},
+            "lora": {"time_bases": 5},
+            "sample": {"steps": 10},
+        },
+    ),
     "edm": (  # DDPM++ with UC-LoRA, augmentation labels in the embedding, bf16 autocast
         "mnist-edm",
         {
@@ -36,5 +45,7 @@ cfg = build_config(preset, overrides)
 dist = init_distributed("cpu")
 result = train(cfg, out)
 weights = {k: v.contiguous() for k, v in result.net.state_dict().items()}
+if hasattr(result.process, "state_dict"):  # IDDPM's importance sampler: every rank keeps the same histories
+    weights.update({f"process.{k}": v.contiguous() for k, v in result.process.state_dict().items()})
 save_file(weights, str(out.parent / f"rank{dist.rank}-{dist.world_size}.safetensors"))
 shutdown_distributed()

@@ -8,7 +8,7 @@ The sections live in `sections` (data, model, lora, diffusion, ddpm, edm, train,
 across sections in `run`.
 """
 
-from condlora.config.backbones import DdpmppConfig, NanoConfig
+from condlora.config.backbones import DdpmppConfig, IddpmConfig, NanoConfig
 from condlora.config.fields import ConfigError, convert, literal_choices
 from condlora.config.run import CONFIG_VERSION, SECTIONS, RunConfig, differences, field_help, make_section, upgrade
 from condlora.config.sections import (
@@ -31,6 +31,7 @@ __all__ = [
     "DdpmppConfig",
     "DiffusionConfig",
     "EDMConfig",
+    "IddpmConfig",
     "LoRAConfig",
     "ModelConfig",
     "NanoConfig",

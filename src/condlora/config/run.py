@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from condlora.config.backbones import DdpmppConfig, NanoConfig
+from condlora.config.backbones import DdpmppConfig, IddpmConfig, NanoConfig
 from condlora.config.fields import ConfigError, check, convert
 from condlora.config.sections import (
     DataConfig,
@@ -25,6 +25,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "nano": NanoConfig,
+    "iddpm": IddpmConfig,
     "ddpmpp": DdpmppConfig,
     "lora": LoRAConfig,
     "diffusion": DiffusionConfig,
@@ -43,6 +44,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     nano: NanoConfig = field(default_factory=NanoConfig)
+    iddpm: IddpmConfig = field(default_factory=IddpmConfig)
     ddpmpp: DdpmppConfig = field(default_factory=DdpmppConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -68,15 +70,30 @@ class RunConfig:
             "the diffusers backbone is read from a local model folder: give its path",
             self.train.init_from,
         )
-        if self.model.backbone == "ddpmpp":
-            levels = len(self.ddpmpp.channel_mult) - 1
-            check(
-                self.model.image_size % (1 << levels) == 0,
-                "model",
-                "image_size",
-                f"must be divisible by 2^{levels} (ddpmpp.channel_mult has {levels + 1} levels)",
-                self.model.image_size,
-            )
+        if self.model.backbone in ("ddpmpp", "iddpm"):
+            self._check_resolutions()
+
+    def _check_resolutions(self) -> None:
+        """The U-Nets that halve exactly: image size against their levels and attention resolutions."""
+        name = self.model.backbone
+        arch = getattr(self, name)
+        size, levels = self.model.image_size, len(arch.channel_mult) - 1
+        check(
+            size % (1 << levels) == 0,
+            "model",
+            "image_size",
+            f"must be divisible by 2^{levels} ({name}.channel_mult has {levels + 1} levels)",
+            size,
+        )
+        field = "attention_resolutions" if name == "iddpm" else "attn_resolutions"
+        reachable = [size >> k for k in range(levels + 1)]
+        check(
+            all(r in reachable for r in getattr(arch, field)),
+            name,
+            field,
+            f"each must be one of the network's resolutions {reachable}",
+            getattr(arch, field),
+        )
 
     def _check_family(self) -> None:
         family, sampler = self.diffusion.family, self.sample.sampler
@@ -99,7 +116,20 @@ class RunConfig:
                 self.edm.augment,
             )
             return
-        check(sampler in ("ddpm", "ddim"), "sample", "sampler", "the ddpm family samples with ddpm or ddim", sampler)
+        check(
+            sampler in ("ddpm", "ddim"), "sample", "sampler", f"the {family} family samples with ddpm or ddim", sampler
+        )
+        if family == "ddpm":
+            for name, plain in (("learn_sigma", False), ("timestep_sampler", "uniform")):
+                value = getattr(self.ddpm, name)
+                check(value == plain, "ddpm", name, "is an iddpm setting: set diffusion.family iddpm", value)
+        check(
+            not self.ddpm.learn_sigma or self.model.backbone == "iddpm",
+            "ddpm",
+            "learn_sigma",
+            f"needs a network with 2C outputs (backbone iddpm), not {self.model.backbone}",
+            self.ddpm.learn_sigma,
+        )
         T = self.ddpm.num_timesteps
         check(
             self.lora.time != "compositional" or self.lora.time_bases <= T,

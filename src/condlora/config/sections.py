@@ -41,10 +41,10 @@ class DataConfig:
 class ModelConfig:
     """The denoising network: which backbone, the images it takes, and how it is conditioned."""
 
-    backbone: Literal["nano", "ddpmpp", "diffusers"] = setting(
+    backbone: Literal["nano", "iddpm", "ddpmpp", "diffusers"] = setting(
         "nano",
-        "network architecture: nano (section nano), ddpmpp (EDM's DDPM++ U-Net, section ddpmpp) or a diffusers "
-        "UNet read from train.init_from",
+        "network architecture: nano (section nano), iddpm (IDDPM's U-Net, section iddpm), ddpmpp (EDM's DDPM++ "
+        "U-Net, section ddpmpp) or a diffusers UNet read from train.init_from",
     )
     image_size: int = setting(28, "input resolution the network is built for (square)")
     in_channels: int = setting(1, "image channels: 1 for grayscale, 3 for RGB")
@@ -123,8 +123,10 @@ class LoRAConfig:
 class DiffusionConfig:
     """The diffusion family and what all families share."""
 
-    family: Literal["ddpm", "edm"] = setting(
-        "ddpm", "diffusion process: ddpm (discrete steps, section ddpm) or edm (continuous sigma, section edm)"
+    family: Literal["ddpm", "iddpm", "edm"] = setting(
+        "ddpm",
+        "diffusion process: ddpm (discrete steps, section ddpm), iddpm (ddpm plus rescaled steps, learned "
+        "variance, hybrid loss, importance sampling; section ddpm) or edm (continuous sigma, section edm)",
     )
     label_dropout: float = setting(
         0.1, "probability of replacing a label by the null class in training (classifier-free guidance)"
@@ -143,24 +145,33 @@ class DiffusionConfig:
 
 @dataclass
 class DDPMConfig:
-    """The discrete-time DDPM forward process (diffusion.family = ddpm)."""
+    """The discrete-time process of the ddpm and iddpm families; the last three fields are IDDPM's."""
 
     num_timesteps: int = setting(1000, "number of diffusion steps T")
     schedule: Literal["linear", "cosine"] = setting("linear", "beta schedule")
     beta_start: float = setting(1e-4, "first beta of the linear schedule (for T = 1000; rescaled for other T)")
     beta_end: float = setting(0.02, "last beta of the linear schedule (for T = 1000; rescaled for other T)")
+    learn_sigma: bool = setting(
+        False, "iddpm: the network also outputs its variance (2C channels), trained by the hybrid loss"
+    )
+    vlb_weight: float = setting(0.001, "iddpm: lambda of the hybrid loss L_simple + lambda L_vlb")
+    timestep_sampler: Literal["uniform", "loss-second-moment"] = setting(
+        "uniform", "training steps: uniform, or iddpm's importance sampling by the loss's second moment"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "ddpm")
         check(self.num_timesteps >= 2, "ddpm", "num_timesteps", "must be >= 2", self.num_timesteps)
         check(0 < self.beta_start < 1, "ddpm", "beta_start", "must be in (0, 1)", self.beta_start)
         check(
-            self.beta_start <= self.beta_end and self.beta_end * 1000 / self.num_timesteps < 1,
+            self.beta_start <= self.beta_end
+            and (self.schedule != "linear" or self.beta_end * 1000 / self.num_timesteps < 1),
             "ddpm",
             "beta_end",
-            "must be >= beta_start and keep rescaled betas below 1",
+            "must be >= beta_start and keep the linear schedule's rescaled betas below 1",
             self.beta_end,
         )
+        check(self.vlb_weight >= 0, "ddpm", "vlb_weight", "must be >= 0", self.vlb_weight)
 
 
 @dataclass

@@ -26,11 +26,14 @@ Network = Callable[[torch.Tensor, torch.Tensor, Conditions], torch.Tensor]  # ne
 
 
 class Process(Protocol):
-    """What every diffusion family provides (DDPM here, EDM in `condlora.diffusion.edm`).
+    """What every diffusion family provides (DDPM here, IDDPM in `condlora.diffusion.iddpm`, EDM in
+    `condlora.diffusion.edm`).
 
     `predict(net, x, t, cond)` is the family's prediction at its own time variable t (DDPM: eps at the integer
     step; EDM: the denoised image at sigma); `loss` returns named per-sample terms; `sample` draws images from
-    a denoiser built on `predict` (with guidance); `preview` gives cheap sampler settings for training previews.
+    a denoiser built on `predict` (with guidance); `preview` gives cheap sampler settings for training
+    previews. A process with training state of its own (IDDPM's importance sampler) also has `state_dict()`
+    / `load_state_dict()`, which checkpoints keep.
     """
 
     family: str
@@ -152,4 +155,10 @@ def process_for(cfg: RunConfig) -> Process:
         return EDM(cfg.edm, AugmentPipe(cfg.edm.augment) if cfg.edm.augment > 0 else None)
     from condlora.diffusion.schedules import schedule_for
 
+    if cfg.diffusion.family == "iddpm":
+        from condlora.diffusion.iddpm import IDDPM, LossSecondMomentSampler
+
+        d = cfg.ddpm
+        sampler = LossSecondMomentSampler(d.num_timesteps) if d.timestep_sampler == "loss-second-moment" else None
+        return IDDPM(schedule_for(cfg), d.learn_sigma, d.vlb_weight, sampler)
     return DDPM(schedule_for(cfg))

@@ -56,6 +56,27 @@ def _ddpmpp(cfg: RunConfig) -> nn.Module:
     )
 
 
+def _iddpm(cfg: RunConfig) -> nn.Module:
+    from condlora.nets.iddpm import IDDPMUNet
+
+    arch, size = cfg.iddpm, cfg.model.image_size
+    learned = cfg.diffusion.family == "iddpm" and cfg.ddpm.learn_sigma
+    return IDDPMUNet(
+        in_channels=cfg.model.in_channels,
+        model_channels=arch.model_channels,
+        out_channels=cfg.model.in_channels * (2 if learned else 1),
+        num_res_blocks=arch.num_res_blocks,
+        attention_resolutions=tuple(size // r for r in arch.attention_resolutions),  # as downsampling factors
+        dropout=arch.dropout,
+        channel_mult=arch.channel_mult,
+        num_classes=cfg.model.num_classes,
+        num_heads=arch.num_heads,
+        norm_groups=arch.norm_groups,
+        conditioning=cfg.model.conditioning,
+        lora=lora_spec(cfg),
+    )
+
+
 def _diffusers(cfg: RunConfig) -> nn.Module:
     from condlora.nets.diffusers_unet import DiffusersUNet, load_diffusers_unet
 
@@ -63,7 +84,12 @@ def _diffusers(cfg: RunConfig) -> nn.Module:
     return DiffusersUNet(unet, lora_spec(cfg), num_classes=cfg.model.num_classes)
 
 
-BACKBONES: dict[str, Callable[[RunConfig], nn.Module]] = {"nano": _nano, "ddpmpp": _ddpmpp, "diffusers": _diffusers}
+BACKBONES: dict[str, Callable[[RunConfig], nn.Module]] = {
+    "nano": _nano,
+    "iddpm": _iddpm,
+    "ddpmpp": _ddpmpp,
+    "diffusers": _diffusers,
+}
 
 
 def build_network(cfg: RunConfig) -> nn.Module:

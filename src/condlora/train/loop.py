@@ -141,6 +141,7 @@ class TrainResult:
     final_loss: float
     net: nn.Module
     ema: EMA
+    process: Process
 
 
 @dataclass
@@ -149,6 +150,7 @@ class _State:
     ema: EMA
     opt: torch.optim.Optimizer
     generator: torch.Generator
+    process: Process | None = None  # its own training state (IDDPM's importance sampler) is checkpointed
     base: dict[str, Any] | None = None  # where the frozen base comes from (see condlora.train.weights)
     step: int = 0
     checkpoint: Path | None = None  # the checkpoint the state was restored from
@@ -179,13 +181,15 @@ def _build_network(cfg: RunConfig, dist: DistContext) -> nn.Module:
     return net
 
 
-def _build_state(cfg: RunConfig, net: nn.Module, dist: DistContext, base: dict[str, Any] | None) -> _State:
+def _build_state(
+    cfg: RunConfig, net: nn.Module, process: Process, dist: DistContext, base: dict[str, Any] | None
+) -> _State:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator(dist.device).manual_seed(cfg.train.seed + 7919 * (dist.rank + 1))
     t = cfg.train
     ema = EMA(net, t.ema_decay, t.ema_halflife_kimg * 1000, t.ema_rampup_ratio, t.batch_size)
-    return _State(net=net, ema=ema, opt=opt, generator=generator, base=base)
+    return _State(net=net, ema=ema, opt=opt, generator=generator, process=process, base=base)
 
 
 def _rng_states(state: _State, dist: DistContext) -> list[dict[str, str]]:
@@ -203,6 +207,9 @@ def _checkpoint_payload(state: _State, cfg: RunConfig, dist: DistContext, rng: l
         "ema": state.ema.state_dict(),
         "optimizer": opt_tensors,
     }
+    process_state = state.process.state_dict() if hasattr(state.process, "state_dict") else {}
+    if process_state:
+        tensors["process"] = process_state
     return tensors, {
         "config": cfg.to_dict(),
         "base": state.base,
@@ -228,7 +235,7 @@ def _resume_checkpoint(root: Path, dist: DistContext) -> Checkpoint | None:
 
 def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
     saved = RunConfig.from_dict(ckpt.state["config"])
-    sections = ("model", "nano", "ddpmpp", "lora")
+    sections = ("model", "nano", "iddpm", "ddpmpp", "lora")
     changed = [d for name in sections for d in differences(getattr(saved, name), getattr(cfg, name), name)]
     if changed:
         raise CheckpointError(
@@ -241,6 +248,8 @@ def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext)
     load_saved_state(state.net, ckpt.tensors["model"], str(ckpt.path))
     state.ema.load_state_dict(ckpt.tensors["ema"])
     optimizer_from_checkpoint(state.opt, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
+    if "process" in ckpt.tensors and hasattr(state.process, "load_state_dict"):
+        state.process.load_state_dict(ckpt.tensors["process"])
     rng = ckpt.state["rng"][dist.rank]
     state.generator.set_state(decode_bytes(rng["generator"]))
     torch.set_rng_state(decode_bytes(rng["torch"]))
@@ -382,7 +391,7 @@ def train(
     else:
         diffusers = cfg.model.backbone == "diffusers"
         base = init_base(net, cfg.train.init_from, out_dir, write=dist.is_main, diffusers=diffusers)
-    state = _build_state(cfg, net, dist, base)
+    state = _build_state(cfg, net, process, dist, base)
     if ckpt is not None:
         _restore(state, ckpt, cfg, dist)
         if dist.is_main:
@@ -431,7 +440,7 @@ def _run_loop(cfg, out_dir, state, model, train_set, process, dist) -> TrainResu
     if saved_step != state.step and state.step > 0:  # make sure the final state is on disk
         last_ckpt = _save(state, cfg, out_dir, dist)
     elapsed = time.perf_counter() - log.start
-    return TrainResult(out_dir, last_ckpt, state.step, elapsed, terms["loss"], state.net, state.ema)
+    return TrainResult(out_dir, last_ckpt, state.step, elapsed, terms["loss"], state.net, state.ema, process)
 
 
 def _save(state: _State, cfg: RunConfig, out_dir: Path, dist: DistContext) -> Path | None:
