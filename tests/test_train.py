@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import poison_loss, train_until_killed
@@ -162,3 +163,74 @@ def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(tiny_con
         train(cfg, Path(cfg.train.out_dir))
     ckpt = load_latest(Path(cfg.train.out_dir) / "checkpoints")
     assert ckpt.step == 4 and all(torch.isfinite(v).all() for v in ckpt.tensors["model"].values())
+
+
+def test_deferred_divergence_check_skips_the_bad_step_on_the_device(tiny_config, monkeypatch):
+    """The GPU path, run on the CPU: the fused optimizer skips the non-finite step 6 without a host read; the
+    loop notices at its next log row (step 6, log_every 2) and stops before writing anything more."""
+    import condlora.train.loop as loop
+
+    monkeypatch.setattr(loop, "checks_on_host", lambda device: False)
+    steps_taken = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        steps_taken.append(bool(getattr(self, "found_inf", torch.zeros(())).item()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = tiny_config(train={"checkpoint_every": 4})
+    run = Path(cfg.train.out_dir)
+    poison_loss(monkeypatch, 6, lambda loss: loss * float("nan"))
+    with pytest.raises(TrainingDiverged, match="non-finite between steps 5 and 6.*step-000000004"):
+        train(cfg, run)
+    assert steps_taken == [False] * 5 + [True]  # step 6 was flagged to the fused update
+    ckpt = load_latest(run / "checkpoints")
+    assert ckpt.step == 4 and all(torch.isfinite(v).all() for v in ckpt.tensors["model"].values())
+
+
+def test_fused_update_with_found_inf_changes_nothing():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    state_steps = [s["step"].clone() for s in opt.state.values()]
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(a, s["step"]) for a, s in zip(state_steps, opt.state.values(), strict=True))
+
+
+def test_resident_batches_equal_the_per_item_dataset():
+    from condlora.data import ImageDataset
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8), rng.integers(0, 3, 10), 3)
+    index = torch.tensor([7, 2, 2, 9])
+    images, labels = data.to("cpu").batch(index)
+    assert torch.equal(images, torch.stack([data[i][0] for i in index.tolist()]))
+    assert labels.tolist() == [data[i][1] for i in index.tolist()]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_channels_last_and_loader_workers_train_like_the_default(tiny_config, tmp_path, workers):
+    reference = train(tiny_config(train={"out_dir": str(tmp_path / "a")}), tmp_path / "a")
+    cfg = tiny_config(train={"out_dir": str(tmp_path / "b"), "channels_last": True}, data={"num_workers": workers})
+    other = train(cfg, tmp_path / "b")
+    for (name, a), b in zip(reference.net.state_dict().items(), other.net.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4), name  # the same batches; only the convolution layout differs
+
+
+def test_compile_option_trains_the_compiled_network(tiny_config, monkeypatch):
+    compiled = []
+    original = torch.compile
+
+    def record(model, mode=None, **kwargs):
+        compiled.append(mode)
+        return original(model, backend="aot_eager")  # the loop's code path without a C++ toolchain
+
+    monkeypatch.setattr(torch, "compile", record)
+    cfg = tiny_config(train={"compile": "reduce-overhead", "steps": 3, "checkpoint_every": 0})
+    result = train(cfg, Path(cfg.train.out_dir))
+    assert compiled == ["reduce-overhead"] and math.isfinite(result.final_loss)

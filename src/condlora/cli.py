@@ -140,6 +140,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from condlora.pipeline import digit_class_accuracy
 
+    if args.fid:
+        from condlora.eval.fid import IN_DOMAIN_FID_NAME
+        from condlora.pipeline import digit_fid
+
+        print(f"{IN_DOMAIN_FID_NAME}: {digit_fid(args.samples, args.cache_dir):.3f}")
     overall, per_class = digit_class_accuracy(args.samples, args.cache_dir)
     print(f"class accuracy (reference MNIST classifier): {overall:.1%}")
     print("  " + "  ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="class accuracy of MNIST samples under a reference classifier")
     p.add_argument("samples", help="a samples .npz written by `condlora sample` or `condlora train`")
     p.add_argument("--cache-dir", help="where the trained reference classifier is cached")
+    p.add_argument(
+        "--fid", action="store_true", help="also the in-domain FID against MNIST-5k's training split (1000+ samples)"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plots", help="omega heat maps, omega cosine similarity, class interpolation grids")

@@ -63,6 +63,22 @@ def with_sample_overrides(cfg: RunConfig, **overrides) -> SampleConfig:
     return sample
 
 
+def digit_fid(samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> float:
+    """In-domain FID of 28x28 digit samples against the training split of MNIST-5k, in the reference
+    classifier's feature space (see `condlora.eval.fid`; not comparable with published FID)."""
+    from condlora.data import load_mnist5k, split_indices
+    from condlora.eval.classifier import cached_digit_classifier
+    from condlora.eval.fid import DigitFeatures, frechet_distance
+
+    images = read_npz(Path(samples_npz))["images"]
+    if images.shape[1:] != (28, 28, 1):
+        raise ValueError(f"{samples_npz}: the digit FID needs 28x28 grayscale images, got {images.shape}")
+    source = load_mnist5k()
+    train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)  # the split condlora's runs train on
+    features = DigitFeatures(cached_digit_classifier(cache_dir, progress))
+    return frechet_distance(images, source.images[train_idx], features)
+
+
 def digit_class_accuracy(
     samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True
 ) -> tuple[float, dict[int, float]]:

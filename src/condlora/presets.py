@@ -10,6 +10,11 @@ _WITH_LORA = {"conditioning": "with_lora"}
 _TIME_CLASS_LORA = {"time": "compositional", "classes": "select"}
 
 
+def _merged(preset: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`preset` with each of `sections` merged into its section of the same name."""
+    return {**preset, **{name: {**preset.get(name, {}), **values} for name, values in sections.items()}}
+
+
 def _edm(dataset: str, image_size: int, num_classes: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """EDM (DDPM++, `--arch=ddpmpp --precond=edm`) as published: Adam at lr 1e-3 ramped up over 10 Mimg,
     EMA half-life 0.5 Mimg, batch 512, 200 Mimg, 18 Heun steps; `sections` override per dataset."""
@@ -31,9 +36,7 @@ def _edm(dataset: str, image_size: int, num_classes: int, **sections: dict[str, 
         },
         "sample": {"sampler": "heun", "steps": 18, "guidance_scale": 1.0, "batch_size": 250},
     }
-    for section, values in sections.items():
-        preset[section] = {**preset.get(section, {}), **values}
-    return preset
+    return _merged(preset, sections)
 
 
 def _iddpm(dataset: str, image_size: int, num_classes: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -59,9 +62,7 @@ def _iddpm(dataset: str, image_size: int, num_classes: int, **sections: dict[str
         },
         "sample": {"sampler": "ddpm", "steps": 4000, "guidance_scale": 1.0, "batch_size": 250},
     }
-    for section, values in sections.items():
-        preset[section] = {**preset.get(section, {}), **values}
-    return preset
+    return _merged(preset, sections)
 
 
 # TimeLoRA as in the papers' LoRA rows: T = 4001 so that m = 10 divides T - 1, 11 bases of rank 4, the omega

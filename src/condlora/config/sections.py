@@ -224,6 +224,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = setting(
         "fp32", "fp32, or bf16 autocast of the forward pass (weights, optimizer and loss stay float32)"
     )
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = setting(
+        "none", "torch.compile the training network with this mode (reduce-overhead adds CUDA graphs on a GPU)"
+    )
+    channels_last: bool = setting(False, "keep the network and its images in channels-last memory format")
     seed: int = setting(0, "seed of initialisation, data order, timesteps and noise")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "device; auto picks cuda when available")
     log_every: int = setting(50, "steps between rows of metrics.csv")

@@ -72,6 +72,21 @@ class ImageDataset(Dataset):
         """Return image ``i`` as float32 (C, H, W) in [-1, 1] and its label as an int."""
         return _to_unit_range(self.images[i]), int(self.labels[i])
 
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """The same dataset with its (uint8) tensors on `device`, for serving whole batches there."""
+        moved = ImageDataset.__new__(ImageDataset)
+        moved.images, moved.labels, moved._num_classes = (
+            self.images.to(device),
+            self.labels.to(device),
+            self._num_classes,
+        )
+        return moved
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `indices` as float32 (B, C, H, W) in [-1, 1] and their labels (B,), where the data lives:
+        the same values as stacking `dataset[i]`, in one indexing operation."""
+        return _to_unit_range(self.images[indices]), self.labels[indices]
+
     @property
     def image_size(self) -> tuple[int, int]:
         """Image (H, W)."""

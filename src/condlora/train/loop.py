@@ -92,6 +92,12 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def checks_on_host(device: torch.device) -> bool:
+    """Whether a step's divergence check reads the host at once (the CPU: no stream to stall) or is left on
+    the device for the loop's next check (a GPU, where the fused optimizer skips a non-finite step)."""
+    return device.type == "cpu"
+
+
 def train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -101,12 +107,14 @@ def train_step(
     generator: torch.Generator,
     cfg: RunConfig,
     dist: DistContext,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """One optimizer step on the process's loss.
 
     The loss returns named per-sample terms; "loss" is what is minimised (its batch mean), every term's
-    mean is reported. Returns ({term: mean over the batch and the ranks}, gradient norm). Nothing is
-    applied if the loss or the gradient norm is not finite, and TrainingDiverged is raised instead.
+    mean is reported. Returns ({term: mean over the batch and the ranks}, gradient norm, finite), all
+    device tensors. A step whose loss or gradient norm is not finite changes nothing: on the CPU it raises
+    TrainingDiverged at once; on a GPU the fused optimizer skips the update on the device (no host
+    synchronisation) and `finite` is False, which the loop reads at its next check.
     """
     if cfg.data.hflip:
         x0 = random_hflip(x0, generator)
@@ -117,17 +125,21 @@ def train_step(
         terms = process.loss(model, x0, Conditions(labels=labels), generator)
     loss = terms["loss"].mean()
     means = {name: dist.mean(value.detach().mean()) for name, value in terms.items()}
-    if not torch.isfinite(means["loss"]):
+    on_host = checks_on_host(x0.device)
+    if on_host and not torch.isfinite(means["loss"]):
         raise TrainingDiverged(f"loss became {means['loss'].item()}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if not torch.isfinite(grad_norm):  # gradients are already averaged over ranks: all ranks agree
+    if on_host and not torch.isfinite(grad_norm):  # gradients are already averaged over ranks: all ranks agree
         raise TrainingDiverged(f"gradient norm became {grad_norm.item()}")
+    finite = torch.isfinite(means["loss"]) & torch.isfinite(grad_norm)
+    if not on_host:
+        opt.found_inf = (~finite).float()  # the fused update is skipped on the device when set
     opt.step()
-    return means, grad_norm
+    return means, grad_norm, finite
 
 
 @dataclass
@@ -177,6 +189,8 @@ def _build_network(cfg: RunConfig, dist: DistContext) -> nn.Module:
     """The seeded network (same initial weights on every rank) with `train.trainable` applied."""
     torch.manual_seed(cfg.train.seed)
     net = build_network(cfg).to(dist.device)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     apply_trainable(net, cfg.train.trainable)
     return net
 
@@ -185,7 +199,8 @@ def _build_state(
     cfg: RunConfig, net: nn.Module, process: Process, dist: DistContext, base: dict[str, Any] | None
 ) -> _State:
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    fused = not checks_on_host(dist.device)  # one kernel for the whole update, and it can skip a bad step
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
     generator = torch.Generator(dist.device).manual_seed(cfg.train.seed + 7919 * (dist.rank + 1))
     t = cfg.train
     ema = EMA(net, t.ema_decay, t.ema_halflife_kimg * 1000, t.ema_rampup_ratio, t.batch_size)
@@ -274,21 +289,30 @@ def _preview(state: _State, cfg: RunConfig, process: Process, path: Path, dist: 
 
 class _MetricsLog:
     """Appends a row to metrics.csv (rank 0 only) every `every` steps: the step, the window's mean of every
-    loss term, the learning rate, the gradient norm, steps/s and the elapsed time."""
+    loss term, the learning rate, the gradient norm, steps/s and the elapsed time. Terms are summed on their
+    device and read once per row, so logging adds no per-step host synchronisation."""
 
     def __init__(self, path: Path, enabled: bool, every: int, last_step: int):
         self.path, self.enabled, self.every, self.last_step = path, enabled, every, last_step
-        self.window: list[dict[str, float]] = []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
         self.start = self.window_start = time.perf_counter()
 
-    def record(self, step: int, terms: dict[str, float], lr: float, grad_norm: float) -> None:
-        self.window.append(terms)
-        if step % self.every and step != self.last_step:
-            return
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def record(self, step: int, terms: dict[str, torch.Tensor], lr: float, grad_norm: torch.Tensor) -> dict | None:
+        """Add one step; on a row step, write the row and return the window's means (else None)."""
+        for name, value in {**terms, "grad_norm": grad_norm}.items():
+            self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach()
+        self.count += 1
+        if not self.due(step):
+            return None
         now = time.perf_counter()
-        means = {name: sum(t[name] for t in self.window) / len(self.window) for name in terms}
-        speed = len(self.window) / max(now - self.window_start, 1e-9)
-        row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "steps_per_sec": speed,
+        means = {name: total.item() / self.count for name, total in self.sums.items()}
+        grad_norm_mean = means.pop("grad_norm")
+        speed = self.count / max(now - self.window_start, 1e-9)
+        row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm_mean, "steps_per_sec": speed,
                "elapsed_s": now - self.start}  # fmt: skip
         if self.enabled:
             new = not self.path.exists()
@@ -297,10 +321,14 @@ class _MetricsLog:
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
-        self.window, self.window_start = [], now
+        self.sums, self.count, self.window_start = {}, 0, now
+        return means
 
 
-def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int) -> DataLoader:
+def _batches(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int):
+    """(images, labels) on the training device for steps [start_step, train.steps). Without loader workers the
+    (uint8) dataset is moved to the device once and each batch is one indexing operation there; with
+    `data.num_workers` a DataLoader assembles batches in worker processes. Both serve the same values."""
     if cfg.train.batch_size % dist.world_size:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by {dist.world_size} processes")
     sampler = StepBatchSampler(
@@ -312,13 +340,23 @@ def _loader(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_st
         start_step,
         cfg.train.steps,
     )
-    return DataLoader(
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    if cfg.data.num_workers == 0:
+        resident = train_set.to(dist.device)
+        for indices in sampler:
+            x0, labels = resident.batch(torch.tensor(indices).to(dist.device, non_blocking=True))
+            yield x0.contiguous(memory_format=layout), labels
+        return
+    loader = DataLoader(
         train_set,
         batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
         pin_memory=dist.device.type == "cuda",
         persistent_workers=False,
     )
+    for x0, labels in loader:
+        x0 = x0.to(dist.device, non_blocking=True).contiguous(memory_format=layout)
+        yield x0, labels.to(dist.device, non_blocking=True)
 
 
 def prepare_out_dir(cfg: RunConfig, out_dir: Path, dist: DistContext, preset: str, overwrite: bool = False) -> None:
@@ -401,6 +439,8 @@ def train(
         trim_metrics(out_dir / "metrics.csv", state.step)  # the steps after the checkpoint run again
     dist.barrier()
     model = DistributedDataParallel(state.net) if dist.world_size > 1 else state.net
+    if cfg.train.compile != "none":
+        model = torch.compile(model, mode=cfg.train.compile)
     return _run_loop(cfg, out_dir, state, model, train_set, process, dist)
 
 
@@ -414,27 +454,39 @@ def _run_loop(cfg, out_dir, state, model, train_set, process, dist) -> TrainResu
         print(f"training {cfg.model.backbone} ({total:,} parameters{which}) for {t_cfg.steps} steps")
     bar = tqdm(total=t_cfg.steps, initial=state.step, disable=not (t_cfg.progress and dist.is_main), unit="step")
     terms = {"loss": float("nan")}
-    for x0, labels in _loader(cfg, train_set, dist, state.step):
-        x0, labels = x0.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
+    skipped = torch.zeros((), dtype=torch.bool, device=dist.device)  # a non-finite step since the last check
+    checked = state.step
+
+    def stop(err: Exception | str, at: str) -> TrainingDiverged:
+        bar.close()
+        kept = f"Last good checkpoint kept: {last_ckpt}" if last_ckpt else "No checkpoint was written yet"
+        return TrainingDiverged(f"{err} {at}; stopping. {kept}")
+
+    for x0, labels in _batches(cfg, train_set, dist, state.step):
         lr = lr_at(state.step, t_cfg)
         for group in state.opt.param_groups:
             group["lr"] = lr
         try:
             cond = labels if cfg.model.num_classes else None
-            means, grad_norm = train_step(model, state.opt, process, x0, cond, state.generator, cfg, dist)
+            means, grad_norm, finite = train_step(model, state.opt, process, x0, cond, state.generator, cfg, dist)
         except TrainingDiverged as err:
-            bar.close()
-            kept = f"Last good checkpoint kept: {last_ckpt}" if last_ckpt else "No checkpoint was written yet"
-            raise TrainingDiverged(f"{err} at step {state.step + 1}; stopping. {kept}") from None
+            raise stop(err, f"at step {state.step + 1}") from None
+        skipped |= ~finite
         state.ema.update(state.net, state.step)
         state.step += 1
-        terms = {name: value.item() for name, value in means.items()}
-        log.record(state.step, terms, lr, grad_norm.item())
-        bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
+        row = log.record(state.step, means, lr, grad_norm)
+        preview = bool(t_cfg.sample_every) and state.step % t_cfg.sample_every == 0  # every rank checks alike
+        save = state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0)
+        if (row is not None or preview or save) and skipped.item():  # GPU runs: checked before any output
+            raise stop("loss or gradient norm became non-finite", f"between steps {checked + 1} and {state.step}")
+        checked = state.step if row is not None or preview or save else checked
+        if row is not None:
+            terms = row
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
         bar.update(1)
-        if dist.is_main and t_cfg.sample_every and state.step % t_cfg.sample_every == 0:
+        if preview and dist.is_main:
             _preview(state, cfg, process, out_dir / "samples" / f"step-{state.step:09d}.png", dist)
-        if state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0):
+        if save:
             last_ckpt, saved_step = _save(state, cfg, out_dir, dist), state.step
     bar.close()
     if saved_step != state.step and state.step > 0:  # make sure the final state is on disk
