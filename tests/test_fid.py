@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from condlora.eval.fid import frechet_distance
+from condlora.eval.fid import cached_features, diversity, frechet_distance, precision_recall
 
 
 class _Pixels(nn.Module):
@@ -54,3 +54,70 @@ def test_fid_refuses_what_it_cannot_measure():
         frechet_distance(one, np.zeros((5, 2, 1, 1), dtype=np.uint8), _Pixels(2))
     with pytest.raises(ValueError, match="uint8 reference"):
         frechet_distance(np.zeros((5, 2, 1, 1), dtype=np.uint8), np.zeros((5, 2, 1, 1)), _Pixels(2))
+
+
+def _cluster(centre: float, n: int, d: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.1 + centre
+
+
+def test_precision_and_recall_on_toy_manifolds():
+    reference = torch.cat([_cluster(-5.0, 300), _cluster(5.0, 300, seed=1)])  # two modes
+    assert precision_recall(reference, reference) == (1.0, 1.0)
+    one_mode = _cluster(5.0, 300, seed=2)  # mode dropping: all samples real-looking, half the data missed
+    precision, recall = precision_recall(one_mode, reference)
+    assert precision > 0.95 and recall == pytest.approx(0.5, abs=0.03)
+    assert precision_recall(_cluster(50.0, 300, seed=3), reference) == (0.0, 0.0)  # far from the data
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        precision_recall(reference[:3], reference)
+
+
+def test_diversity_is_one_minus_the_mean_cosine_within_each_class():
+    same = torch.ones(4, 3, dtype=torch.float64)
+    orthogonal = torch.eye(3, dtype=torch.float64)
+    assert diversity(same, np.zeros(4)) == pytest.approx(0.0, abs=1e-12)
+    assert diversity(orthogonal, np.zeros(3)) == pytest.approx(1.0)
+    both = torch.cat([same, orthogonal])  # class 0 identical, class 1 orthogonal: the mean over classes
+    assert diversity(both, np.array([0] * 4 + [1] * 3)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="two samples of one class"):
+        diversity(orthogonal, np.arange(3))
+
+
+def test_reference_features_are_cached_under_the_images_and_the_weights(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 3, 1, 1), dtype=np.uint8)
+    net = nn.Linear(1, 1)  # features of (B, 1, 3, 1) images: (B, 3)
+    features = _Flat(net)
+    first = cached_features(images, features, tmp_path)
+    assert len(list((tmp_path / "condlora").glob("features-*.safetensors"))) == 1
+    assert torch.equal(cached_features(images, features, tmp_path), first)  # read back
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    changed = cached_features(images, features, tmp_path)  # other weights: another entry, new values
+    assert len(list((tmp_path / "condlora").glob("features-*.safetensors"))) == 2
+    assert not torch.equal(changed, first)
+
+
+class _Flat(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1)[:, :, None]).flatten(1)
+
+
+def test_real_digits_score_as_real_in_the_classifier_feature_space(monkeypatch, tmp_path):
+    from condlora.data import load_mnist5k, split_indices
+    from condlora.eval.classifier import train_digit_classifier
+    from condlora.eval.images import save_samples_npz
+    from condlora.pipeline import digit_feature_metrics
+
+    net, _ = train_digit_classifier(steps=200, progress=False)
+    monkeypatch.setattr("condlora.eval.classifier.cached_digit_classifier", lambda *a, **k: net)
+    source = load_mnist5k()
+    _, hold = split_indices(len(source.labels), 0.1, seed=0)
+    real = save_samples_npz(source.images[hold], source.labels[hold], tmp_path / "real.npz")
+    ones = save_samples_npz(source.images[source.labels == 1][:500], np.ones(500, np.int64), tmp_path / "ones.npz")
+    good, bad = digit_feature_metrics(real, tmp_path), digit_feature_metrics(ones, tmp_path)
+    assert good["fid_in_domain"] < bad["fid_in_domain"] / 10  # unseen real digits vs a single class
+    assert good["precision"] > 0.8 and good["recall"] > 0.8
+    assert bad["recall"] < good["recall"] - 0.25  # one class of digits misses much of the data

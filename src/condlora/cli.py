@@ -138,16 +138,28 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from condlora.pipeline import digit_class_accuracy
+    import json
 
+    from condlora.pipeline import digit_class_accuracy, digit_feature_metrics
+
+    results: dict = {"samples": str(args.samples)}
     if args.fid:
         from condlora.eval.fid import IN_DOMAIN_FID_NAME
-        from condlora.pipeline import digit_fid
 
-        print(f"{IN_DOMAIN_FID_NAME}: {digit_fid(args.samples, args.cache_dir):.3f}")
+        results.update(digit_feature_metrics(args.samples, args.cache_dir))
+        print(f"{IN_DOMAIN_FID_NAME}: {results['fid_in_domain']:.4f}")
+        print(f"precision {results['precision']:.3f}  recall {results['recall']:.3f}  "
+              f"diversity {results['diversity']:.4f}  ({results['count']} samples)")  # fmt: skip
     overall, per_class = digit_class_accuracy(args.samples, args.cache_dir)
+    results.update(accuracy=overall, per_class_accuracy=per_class)
     print(f"class accuracy (reference MNIST classifier): {overall:.1%}")
     print("  " + "  ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
+    columns = [k for k in ("fid_in_domain", "precision", "recall", "diversity", "accuracy") if k in results]
+    print("| samples | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    print(f"| {args.samples} | " + " | ".join(f"{results[k]:.4f}" for k in columns) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
 
 
 def cmd_plots(args: argparse.Namespace) -> None:
@@ -203,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="a samples .npz written by `condlora sample` or `condlora train`")
     p.add_argument("--cache-dir", help="where the trained reference classifier is cached")
     p.add_argument(
-        "--fid", action="store_true", help="also the in-domain FID against MNIST-5k's training split (1000+ samples)"
+        "--fid",
+        action="store_true",
+        help="also in-domain FID, precision, recall and diversity against MNIST-5k's training split (1000+ samples)",
     )
+    p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plots", help="omega heat maps, omega cosine similarity, class interpolation grids")

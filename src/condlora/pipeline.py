@@ -63,20 +63,40 @@ def with_sample_overrides(cfg: RunConfig, **overrides) -> SampleConfig:
     return sample
 
 
-def digit_fid(samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True) -> float:
-    """In-domain FID of 28x28 digit samples against the training split of MNIST-5k, in the reference
-    classifier's feature space (see `condlora.eval.fid`; not comparable with published FID)."""
+def digit_feature_metrics(
+    samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, float]:
+    """In-domain FID, precision, recall (k = 3) and diversity of 28x28 digit samples against the training
+    split of MNIST-5k, in the reference classifier's feature space (see `condlora.eval.fid`; the FID is not
+    comparable with published FID)."""
     from condlora.data import load_mnist5k, split_indices
     from condlora.eval.classifier import cached_digit_classifier
-    from condlora.eval.fid import DigitFeatures, frechet_distance
+    from condlora.eval.fid import (
+        DigitFeatures,
+        cached_features,
+        diversity,
+        extract,
+        frechet_distance_of_features,
+        precision_recall,
+    )
 
-    images = read_npz(Path(samples_npz))["images"]
+    data = read_npz(Path(samples_npz))
+    images = data["images"]
     if images.shape[1:] != (28, 28, 1):
-        raise ValueError(f"{samples_npz}: the digit FID needs 28x28 grayscale images, got {images.shape}")
+        raise ValueError(f"{samples_npz}: the digit metrics need 28x28 grayscale images, got {images.shape}")
     source = load_mnist5k()
     train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)  # the split condlora's runs train on
     features = DigitFeatures(cached_digit_classifier(cache_dir, progress))
-    return frechet_distance(images, source.images[train_idx], features)
+    reference = cached_features(source.images[train_idx], features, cache_dir)
+    fake = extract(images, features)
+    precision, recall = precision_recall(fake, reference)
+    return {
+        "fid_in_domain": frechet_distance_of_features(fake, reference),
+        "precision": precision,
+        "recall": recall,
+        "diversity": diversity(fake, data.get("labels", np.zeros(len(images)))),
+        "count": len(images),
+    }
 
 
 def digit_class_accuracy(
