@@ -514,6 +514,9 @@ def test_mnist_preset_trains_and_samples(tmp_path):
     sample = cfg.sample.__class__(**{**vars(cfg.sample), "count": 4, "steps": 3, "batch_size": 4})
     png, npz = sample_to_files(net, cfg, sample, tmp_path / "samples", progress=False)
     assert png.is_file() and npz.is_file()
+    from condlora.data import read_npz
+
+    assert read_npz(npz)["network_calls_per_sample"] == 5  # Heun: 2 x 3 noise levels - 1
 
 
 def test_edm_config_errors_name_the_field():

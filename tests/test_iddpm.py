@@ -355,8 +355,17 @@ def test_mnist_preset_trains_and_samples(tmp_path):
     assert rows[0].startswith("step,loss,mse,vb,")  # both terms of the hybrid loss are logged
     net, cfg, _ = load_model(result.checkpoint)
     sample = cfg.sample.__class__(**{**vars(cfg.sample), "count": 4, "steps": 5, "batch_size": 4})
+    import time
+
+    from condlora.data import read_npz
+
+    began = time.perf_counter()
     png, npz = sample_to_files(net, cfg, sample, tmp_path / "samples", progress=False)
+    elapsed = time.perf_counter() - began
     assert png.is_file() and npz.is_file()
+    cost = read_npz(npz)
+    assert cost["network_calls_per_sample"] == 5  # 5 steps, both guidance branches in one call
+    assert 0 < cost["sampling_seconds"] <= elapsed
 
 
 def test_iddpm_config_errors_name_the_field():

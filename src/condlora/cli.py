@@ -140,9 +140,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
+    from condlora.data import read_npz
     from condlora.pipeline import digit_class_accuracy, digit_feature_metrics
 
     results: dict = {"samples": str(args.samples)}
+    archive = read_npz(Path(args.samples)) if Path(args.samples).is_file() else {}
+    for name in ("network_calls_per_sample", "sampling_seconds"):
+        if name in archive:  # written by condlora sample / train
+            results[name] = float(archive[name])
+    if "network_calls_per_sample" in results:
+        print(f"network calls per sample: {results['network_calls_per_sample']:.0f} (each evaluates every "
+              f"guidance branch); sampling took {results['sampling_seconds']:.1f} s")  # fmt: skip
     if args.fid:
         from condlora.eval.fid import IN_DOMAIN_FID_NAME
 

@@ -39,6 +39,7 @@ def sample_to_files(
 ) -> tuple[Path, Path]:
     """Sample as `sample` says and write `<prefix>.png` (a grid, one row per class cycle) and `<prefix>.npz`."""
     m = cfg.model
+    stats: dict[str, float] = {}
     images, labels = generate(
         net,
         process_for(cfg),
@@ -47,11 +48,13 @@ def sample_to_files(
         m.num_classes,
         device,
         progress,
+        stats,
     )
     u8 = unscale(images)
     nrow = m.num_classes if (m.num_classes and sample.class_label < 0 and sample.count >= m.num_classes) else None
     png = save_grid(u8, out_prefix.with_suffix(".png"), nrow=nrow)
-    npz = save_samples_npz(u8, labels.numpy(), out_prefix.with_suffix(".npz"))
+    cost = {"network_calls_per_sample": stats["network_calls"] / stats["batches"], "sampling_seconds": stats["seconds"]}
+    npz = save_samples_npz(u8, labels.numpy(), out_prefix.with_suffix(".npz"), **cost)
     return png, npz
 
 

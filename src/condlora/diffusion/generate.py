@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +44,7 @@ def generate(
     num_classes: int,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `cfg.count` images; sample i uses seed `cfg.seed + i` whatever the batch size.
 
@@ -55,11 +56,19 @@ def generate(
         num_classes: classes of the model (0 when unconditional).
         device: where the network runs.
         progress: show a progress bar over batches.
+        stats: if given, filled with `network_calls` (calls of the network, each evaluating every guidance
+            branch of its batch), `batches` and `seconds` (wall time).
     Returns:
         images (count, C, H, W) in [-1, 1] on the CPU and labels (count,) int64 (NULL_LABEL if unconditional).
     """
     labels = sample_labels(cfg, num_classes)
-    predict = functools.partial(process.predict, net)
+    calls = [0]
+
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        calls[0] += 1
+        return process.predict(net, x, t, cond)
+
+    began = time.perf_counter()
     chunks = []
     starts = range(0, cfg.count, cfg.batch_size)
     for start in tqdm(starts, disable=not progress, desc="sampling", unit="batch"):
@@ -69,4 +78,6 @@ def generate(
         denoise = guided(predict, classifier_free(cond, cfg.guidance_scale))
         x = process.sample(denoise, noise, image_shape, cfg)
         chunks.append(x.clamp(-1, 1).cpu())
+    if stats is not None:
+        stats.update(network_calls=calls[0], batches=len(starts), seconds=time.perf_counter() - began)
     return torch.cat(chunks), labels

@@ -46,11 +46,13 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, zoo
     return path
 
 
-def save_samples_npz(images: np.ndarray, labels: np.ndarray, path: str | Path) -> Path:
-    """Write `images` (uint8 (N, H, W, C)) and `labels` (int64 (N,), -1 = unconditional) atomically."""
+def save_samples_npz(images: np.ndarray, labels: np.ndarray, path: str | Path, **extra: float) -> Path:
+    """Write `images` (uint8 (N, H, W, C)), `labels` (int64 (N,), -1 = unconditional) and any scalar `extra`
+    (e.g. the sampling cost) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, images=images.astype(np.uint8), labels=np.asarray(labels, dtype=np.int64))
+    scalars = {name: np.asarray(value, dtype=np.float64) for name, value in extra.items()}
+    np.savez_compressed(tmp, images=images.astype(np.uint8), labels=np.asarray(labels, dtype=np.int64), **scalars)
     os.replace(tmp, path)
     return path
