@@ -91,7 +91,7 @@ def digit_feature_metrics(
     train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)  # the split condlora's runs train on
     features = DigitFeatures(cached_digit_classifier(cache_dir, progress))
     reference = cached_features(source.images[train_idx], features, cache_dir)
-    fake = extract(images, features)
+    fake = extract(images, features, name="samples")
     precision, recall = precision_recall(fake, reference)
     return {
         "fid_in_domain": frechet_distance_of_features(fake, reference),

@@ -8,6 +8,7 @@ c_noise = ln(sigma) / 4 and sd = sigma_data. A sampler's "t" is sigma itself.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -193,6 +194,4 @@ class EDM:
 
     def preview(self, sample: SampleConfig) -> SampleConfig:
         """Cheap settings for training previews: at most 18 Heun steps."""
-        import dataclasses
-
         return dataclasses.replace(sample, steps=min(sample.steps, 18))

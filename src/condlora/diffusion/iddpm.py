@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from condlora.conditions import Conditions
 from condlora.diffusion.process import DDPM, Network, UniformTimestepSampler
 from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, respaced_timesteps
-from condlora.diffusion.schedules import NoiseSchedule
+from condlora.diffusion.schedules import NoiseSchedule, gather
 
 if TYPE_CHECKING:
     from condlora.config import SampleConfig
@@ -80,18 +80,11 @@ class Chain:
         clipped = torch.cat([var[1:2], var[1:]]) if len(steps) > 1 else betas
         return cls(steps, ab, ab_prev, betas, var, clipped.log())
 
-    def gather(self, values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[index] shaped (B, 1, ..., 1) to broadcast against `like`, in its dtype and device."""
-        out = values.to(like.device)[index.to(like.device)].to(like.dtype)
-        return out.reshape(-1, *[1] * (like.dim() - 1))
-
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log variance of q(x_{i-1} | x_i, x_0) (Ho et al. eq. 7) at chain positions `index`."""
-        ab, ab_prev, beta = (
-            self.gather(v, index, x_t) for v in (self.alphas_cumprod, self.alphas_cumprod_prev, self.betas)
-        )
+        ab, ab_prev, beta = (gather(v, index, x_t) for v in (self.alphas_cumprod, self.alphas_cumprod_prev, self.betas))
         mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x_t
-        return mean, self.gather(self.posterior_log_variance, index, x_t)
+        return mean, gather(self.posterior_log_variance, index, x_t)
 
     def model_step(
         self,
@@ -112,7 +105,7 @@ class Chain:
         """
         channels = x_t.shape[1]
         eps = output[:, :channels]
-        ab = self.gather(self.alphas_cumprod, index, x_t)
+        ab = gather(self.alphas_cumprod, index, x_t)
         x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()  # invert q(x_t | x_0) (Ho et al. eq. 4)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
@@ -120,7 +113,7 @@ class Chain:
         if not learn_sigma:
             return mean, min_log, x0
         frac = (output[:, channels:] + 1) / 2  # v in [-1, 1] -> [0, 1]
-        max_log = self.gather(self.betas.log(), index, x_t)
+        max_log = gather(self.betas.log(), index, x_t)
         return mean, frac * max_log + (1 - frac) * min_log, x0  # IDDPM eq. 15
 
 

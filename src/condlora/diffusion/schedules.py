@@ -96,7 +96,7 @@ class NoiseSchedule:
             t: (B,) int64 step indices in [0, T).
             noise: eps, same shape as x0.
         """
-        ab = _gather(self.alphas_cumprod, t, x0)
+        ab = gather(self.alphas_cumprod, t, x0)
         return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
 
 
@@ -106,7 +106,7 @@ def schedule_for(cfg: RunConfig) -> NoiseSchedule:
     return NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] as a (B, 1, ..., 1) tensor broadcastable to `like`, in like's dtype and device."""
     out = values.to(like.device)[t.to(like.device)].to(like.dtype)
     return out.reshape(-1, *([1] * (like.dim() - 1)))

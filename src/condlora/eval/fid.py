@@ -55,11 +55,12 @@ class _Given(nn.Module):
 
 
 @torch.no_grad()
-def extract(images: np.ndarray, features: nn.Module, batch_size: int = 500) -> torch.Tensor:
-    """(N, D) float64 features of uint8 images (N, H, W, C), at least 2 of them."""
+def extract(images: np.ndarray, features: nn.Module, batch_size: int = 500, name: str = "images") -> torch.Tensor:
+    """(N, D) float64 features of uint8 images (N, H, W, C), at least 2 of them (`name` says which set in the
+    error)."""
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) < 2:
         raise ValueError(
-            f"feature metrics need at least 2 uint8 images (N, H, W, C), got {images.dtype} {images.shape}"
+            f"feature metrics need at least 2 uint8 {name} (N, H, W, C), got {images.dtype} {images.shape}"
         )
     parts = [features(scale(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(parts).double()
@@ -97,11 +98,8 @@ def frechet_distance_of_features(samples: torch.Tensor, reference: torch.Tensor)
 def frechet_distance(samples: np.ndarray, reference: np.ndarray, features: nn.Module) -> float:
     """FID between two uint8 image sets (N, H, W, C) in the space of `features` ((B, C, H, W) in [-1, 1] ->
     (B, D))."""
-    for name, images in (("samples", samples), ("reference", reference)):
-        if images.dtype != np.uint8 or images.ndim != 4 or len(images) < 2:
-            shape = f"{images.dtype} {images.shape}"
-            raise ValueError(f"FID needs at least 2 uint8 {name} images (N, H, W, C), got {shape}")
-    return frechet_distance_of_features(extract(samples, features), extract(reference, features))
+    fake = extract(samples, features, name="samples")
+    return frechet_distance_of_features(fake, extract(reference, features, name="reference"))
 
 
 def precision_recall(samples: torch.Tensor, reference: torch.Tensor, k: int = 3) -> tuple[float, float]:

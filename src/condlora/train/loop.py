@@ -477,9 +477,10 @@ def _run_loop(cfg, out_dir, state, model, train_set, process, dist) -> TrainResu
         row = log.record(state.step, means, lr, grad_norm)
         preview = bool(t_cfg.sample_every) and state.step % t_cfg.sample_every == 0  # every rank checks alike
         save = state.step == t_cfg.steps or (t_cfg.checkpoint_every and state.step % t_cfg.checkpoint_every == 0)
-        if (row is not None or preview or save) and skipped.item():  # GPU runs: checked before any output
-            raise stop("loss or gradient norm became non-finite", f"between steps {checked + 1} and {state.step}")
-        checked = state.step if row is not None or preview or save else checked
+        if row is not None or preview or save:  # GPU runs: the deferred check, before any output
+            if skipped.item():
+                raise stop("loss or gradient norm became non-finite", f"between steps {checked + 1} and {state.step}")
+            checked = state.step
         if row is not None:
             terms = row
             bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
