@@ -1,4 +1,4 @@
-"""`condlora train | sample | eval | plots | info | convert-edm`: parse arguments and call the library."""
+"""`condlora train | sample | eval | plots | study | info | convert-edm`: parse arguments and call the library."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from condlora.config import SECTIONS, ConfigError, RunConfig, field_help, litera
 from condlora.presets import PRESETS, build_config
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One `--section.field` option per config field, with its help, type and default."""
-    parser.add_argument("--preset", default="mnist-nano", choices=list(PRESETS), help="named configuration")
+def _add_config_options(parser: argparse.ArgumentParser, preset: str | None = "mnist-nano") -> None:
+    """`--preset` and one `--section.field` option per config field, with its help, type and default."""
+    parser.add_argument(
+        "--preset", default=preset, choices=list(PRESETS), help=f"named configuration [default: {preset}]"
+    )
     for section in SECTIONS:
         group = parser.add_argument_group(f"{section} options")
         for name, annotation, default, text in field_help(section):
@@ -183,6 +185,71 @@ def cmd_plots(args: argparse.Namespace) -> None:
     print("\n".join(f"  {p}" for p in paths))
 
 
+_GRID_OPTIONS = ("preset", "modes", "omega", "seeds", "skip", "eval_every", "eval_count", "eval_sampler",
+                 "eval_steps", "eval_guidance", "extrapolation", "extrapolation_count")  # fmt: skip
+
+
+def _study_spec(args: argparse.Namespace):
+    """The study in args.dir/study.json when no grid option is given, else the one the options describe."""
+    from condlora.study import MODES, StudySpec, grid
+
+    saved = Path(args.dir) / "study.json"
+    given = [k for k in _GRID_OPTIONS if getattr(args, k) is not None] + list(_overrides(args))
+    if saved.is_file() and not given:
+        return StudySpec.load(saved)
+    if args.only or args.report_only:
+        raise ConfigError(f"study: {args.dir} holds no study.json to run --only / --report-only from")
+
+    def values(text: str | None, default: tuple, kind=str) -> tuple:
+        return default if text is None else tuple(kind(v) for v in text.split(",") if v.strip())
+
+    preset, overrides = args.preset or "mnist-nano", _overrides(args)
+    sample = {"sampler": args.eval_sampler, "steps": args.eval_steps, "guidance_scale": args.eval_guidance}
+    return StudySpec(
+        preset=preset,
+        configs=grid(
+            preset, values(args.modes, MODES), values(args.omega, ("fixed",)), overrides, values(args.skip, ())
+        ),
+        seeds=values(args.seeds, (0, 1, 2), int),
+        overrides=overrides,
+        eval_every=args.eval_every or 200,
+        eval_count=args.eval_count or 500,
+        eval_sample={k: v for k, v in sample.items() if v is not None},
+        extrapolation=values(args.extrapolation, (-1.0, 2.0), float),
+        extrapolation_count=args.extrapolation_count or 200,
+    )
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    import shlex
+
+    import torch
+
+    from condlora.study import run_one, run_study, write_report
+    from condlora.study.report import COMMAND_FILE
+    from condlora.study.runner import prepare_study
+
+    spec = _study_spec(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    if args.only:
+        name, _, seed = args.only.rpartition(":")
+        if not seed.lstrip("-").isdigit():
+            raise ConfigError(f"study: --only takes CONFIG:SEED, got {args.only!r}")
+        run_one(spec, Path(args.dir), name, int(seed), devices[0], progress=not args.no_progress)
+        return
+    prepare_study(spec, Path(args.dir))
+    command = Path(args.dir) / COMMAND_FILE
+    if not command.is_file():
+        command.write_text("condlora " + shlex.join(sys.argv[1:] if args.argv is None else args.argv) + "\n")
+    if args.report_only:
+        path = write_report(spec, Path(args.dir))
+    else:
+        path = run_study(spec, args.dir, args.jobs, devices, args.threads, progress=not args.no_progress)
+    print(f"report: {path}")
+
+
 def cmd_convert_edm(args: argparse.Namespace) -> None:
     from condlora.nets.edm_pickle import convert_edm_pickle
 
@@ -242,6 +309,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.set_defaults(func=cmd_plots)
 
+    p = sub.add_parser(
+        "study",
+        help="train and evaluate a grid of configurations x seeds, then write a report",
+        description="Run a grid of conditioning modes x omega types x seeds at one training budget, evaluate "
+        "every K steps and write DIR/report/report.md. Run it again with only DIR to resume an interrupted study.",
+    )
+    p.add_argument("dir", help="study directory (holds study.json, runs/ and report/)")
+    _add_config_options(p, preset=None)
+    p.add_argument(
+        "--modes", help="comma-separated conditioning modes [default: baseline,with_lora,lora_only,adaln_attn]"
+    )
+    p.add_argument(
+        "--omega",
+        help="omega types of compositional TimeLoRA: fixed, train, train-onehot, train-gaussian [default: fixed]",
+    )
+    p.add_argument("--seeds", help="comma-separated training seeds [default: 0,1,2]")
+    p.add_argument("--skip", help="comma-separated configuration names to leave out of the grid")
+    p.add_argument("--eval-every", type=int, help="evaluate every K steps (the checkpoint interval) [default: 200]")
+    p.add_argument("--eval-count", type=int, help="samples per evaluation [default: 500]")
+    p.add_argument(
+        "--eval-sampler", choices=["ddpm", "ddim", "heun"], help="sampler of the evaluations [default: the preset's]"
+    )
+    p.add_argument("--eval-steps", type=int, help="sampling steps of the evaluations [default: the preset's]")
+    p.add_argument("--eval-guidance", type=float, help="guidance scale of the evaluations [default: the preset's]")
+    p.add_argument("--extrapolation", help="comma-separated class scales beta probed at the end [default: -1,2]")
+    p.add_argument("--extrapolation-count", type=int, help="samples per extrapolation scale [default: 200]")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process [default: 1]")
+    p.add_argument(
+        "--devices", default="auto", help="comma-separated devices given to the runs in turn, e.g. cuda:0,cuda:1"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per run (0: torch's default; with --jobs, cores / jobs)"
+    )
+    p.add_argument("--only", metavar="CONFIG:SEED", help="run just this run of the study in DIR (what each job runs)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study, argv=None)
+
     p = sub.add_parser("info", help="print the architecture of a preset + overrides and its parameter count")
     _add_config_options(p)
     p.set_defaults(func=cmd_info)
@@ -259,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "study":
+        args.argv = argv
     try:
         args.func(args)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError, FileExistsError, pickle.UnpicklingError) as err:

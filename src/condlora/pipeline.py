@@ -69,11 +69,28 @@ def with_sample_overrides(cfg: RunConfig, **overrides) -> SampleConfig:
 def digit_feature_metrics(
     samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, float]:
-    """In-domain FID, precision, recall (k = 3) and diversity of 28x28 digit samples against the training
-    split of MNIST-5k, in the reference classifier's feature space (see `condlora.eval.fid`; the FID is not
-    comparable with published FID)."""
+    """In-domain FID, precision, recall (k = 3) and diversity of the 28x28 digit samples of an `.npz` (see
+    `digit_metrics`)."""
+    data = read_npz(Path(samples_npz))
+    images = data["images"]
+    if images.shape[1:] != (28, 28, 1):
+        raise ValueError(f"{samples_npz}: the digit metrics need 28x28 grayscale images, got {images.shape}")
+    return digit_metrics(images, data.get("labels"), cache_dir, progress)
+
+
+def digit_metrics(
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    accuracy: bool = False,
+) -> dict[str, float]:
+    """In-domain FID, precision, recall (k = 3) and diversity of uint8 28x28 digits (N, 28, 28, 1) against
+    the training split of MNIST-5k, in the reference classifier's feature space (see `condlora.eval.fid`;
+    the FID is not comparable with published FID); with `accuracy`, also the share of samples the
+    classifier labels as their class `labels`."""
     from condlora.data import load_mnist5k, split_indices
-    from condlora.eval.classifier import cached_digit_classifier
+    from condlora.eval.classifier import cached_digit_classifier, class_accuracy
     from condlora.eval.fid import (
         DigitFeatures,
         cached_features,
@@ -83,23 +100,26 @@ def digit_feature_metrics(
         precision_recall,
     )
 
-    data = read_npz(Path(samples_npz))
-    images = data["images"]
     if images.shape[1:] != (28, 28, 1):
-        raise ValueError(f"{samples_npz}: the digit metrics need 28x28 grayscale images, got {images.shape}")
+        raise ValueError(f"the digit metrics need 28x28 grayscale images, got {images.shape}")
+    labels = np.zeros(len(images), dtype=np.int64) if labels is None else labels
     source = load_mnist5k()
     train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)  # the split condlora's runs train on
-    features = DigitFeatures(cached_digit_classifier(cache_dir, progress))
+    classifier = cached_digit_classifier(cache_dir, progress)
+    features = DigitFeatures(classifier)
     reference = cached_features(source.images[train_idx], features, cache_dir)
     fake = extract(images, features, name="samples")
     precision, recall = precision_recall(fake, reference)
-    return {
+    out = {
         "fid_in_domain": frechet_distance_of_features(fake, reference),
         "precision": precision,
         "recall": recall,
-        "diversity": diversity(fake, data.get("labels", np.zeros(len(images)))),
+        "diversity": diversity(fake, labels),
         "count": len(images),
     }
+    if accuracy:
+        out["accuracy"] = class_accuracy(classifier, images, labels)
+    return out
 
 
 def digit_class_accuracy(
@@ -125,6 +145,30 @@ def digit_class_accuracy(
     return overall, per_class
 
 
+def sample_class_vectors(
+    net: nn.Module, cfg: RunConfig, vectors: torch.Tensor, seeds: list[int], device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """uint8 images (N, H, W, C), image i drawn with the class vector `vectors[i]` (N, num_classes) in place of
+    a label (interpolated, scaled or negated classes) and seed `seeds[i]`, with the run's sampler and
+    guidance; the batches hold `cfg.sample.batch_size` images."""
+    from condlora.diffusion import PerSampleNoise, classifier_free, guided
+
+    m, s = cfg.model, cfg.sample
+    if vectors.shape != (len(seeds), m.num_classes):
+        raise ValueError(f"class vectors must be ({len(seeds)}, {m.num_classes}), got {tuple(vectors.shape)}")
+    process = process_for(cfg)
+    predict = functools.partial(process.predict, net)
+    images = []
+    for start in range(0, len(seeds), s.batch_size):
+        part = vectors[start : start + s.batch_size].to(device)
+        labels = torch.full((len(part),), NULL_LABEL, device=device)
+        denoise = guided(predict, classifier_free(Conditions(labels=labels, class_vector=part), s.guidance_scale))
+        noise = PerSampleNoise(seeds[start : start + s.batch_size], device)
+        x = process.sample(denoise, noise, (m.in_channels, m.image_size, m.image_size), s)
+        images.append(unscale(x.clamp(-1, 1)))
+    return np.concatenate(images)
+
+
 def class_path_grids(
     net: nn.Module,
     cfg: RunConfig,
@@ -137,25 +181,16 @@ def class_path_grids(
 ) -> list[Path]:
     """Interpolation (alpha c_first + (1 - alpha) c_second) and extrapolation (beta c_first, beta in [-1, 1])
     grids: each row keeps one seed across its columns, so only the class input changes along a row."""
-    from condlora.diffusion import PerSampleNoise, classifier_free, guided
     from condlora.eval.plots import class_path_vectors
 
     m, s = cfg.model, cfg.sample
     for name, c in (("first", first), ("second", second)):
         if not 0 <= c < m.num_classes:
             raise ValueError(f"class {name}={c} out of range: the model has {m.num_classes} classes")
-    process = process_for(cfg)
-    predict = functools.partial(process.predict, net)
     paths = []
     for kind, vectors in class_path_vectors(m.num_classes, first, second, columns).items():
-        cond = Conditions(labels=torch.full((columns,), NULL_LABEL, device=device), class_vector=vectors.to(device))
-        denoise = guided(predict, classifier_free(cond, s.guidance_scale))
-        images = []
-        for row in range(rows):
-            noise = PerSampleNoise([s.seed + row] * columns, device)
-            x = process.sample(denoise, noise, (m.in_channels, m.image_size, m.image_size), s)
-            images.append(unscale(x.clamp(-1, 1)))
-        grid = np.concatenate(images)
+        seeds = [s.seed + row for row in range(rows) for _ in range(columns)]
+        grid = sample_class_vectors(net, cfg, vectors.repeat(rows, 1), seeds, device)
         paths.append(save_grid(grid, out_dir / f"class-{kind}-{first}-{second}.png", nrow=columns))
     return paths
 

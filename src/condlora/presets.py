@@ -10,7 +10,7 @@ _WITH_LORA = {"conditioning": "with_lora"}
 _TIME_CLASS_LORA = {"time": "compositional", "classes": "select"}
 
 
-def _merged(preset: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def merge_sections(preset: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`preset` with each of `sections` merged into its section of the same name."""
     return {**preset, **{name: {**preset.get(name, {}), **values} for name, values in sections.items()}}
 
@@ -36,7 +36,7 @@ def _edm(dataset: str, image_size: int, num_classes: int, **sections: dict[str, 
         },
         "sample": {"sampler": "heun", "steps": 18, "guidance_scale": 1.0, "batch_size": 250},
     }
-    return _merged(preset, sections)
+    return merge_sections(preset, sections)
 
 
 def _iddpm(dataset: str, image_size: int, num_classes: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -62,7 +62,7 @@ def _iddpm(dataset: str, image_size: int, num_classes: int, **sections: dict[str
         },
         "sample": {"sampler": "ddpm", "steps": 4000, "guidance_scale": 1.0, "batch_size": 250},
     }
-    return _merged(preset, sections)
+    return merge_sections(preset, sections)
 
 
 # TimeLoRA as in the papers' LoRA rows: T = 4001 so that m = 10 divides T - 1, 11 bases of rank 4, the omega
