@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from condlora.cli import main
 from condlora.config import ConfigError
 from condlora.eval.classifier import DigitClassifier
-from condlora.lora.strategies import linear_interpolation_table, onehot_table
 from condlora.lora import conditioned_layers
+from condlora.lora.strategies import linear_interpolation_table, onehot_table
 from condlora.nets import build_network
 from condlora.study import StudySpec, compare, grid, omega_locality
 from condlora.train.checkpoint import list_checkpoints
