@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from condlora.cli import main
@@ -99,6 +100,20 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["labels"].tolist() == [3, 3, 3, 3]
     assert np.array_equal(a["images"], b["images"])
+
+
+def test_train_on_mnist_ends_with_the_class_accuracy(tmp_path, capsys, monkeypatch):
+    """The main job's last stage: after sampling, `train` scores the digits with the reference classifier
+    (an untrained stand-in here: what matters is that the report runs and prints)."""
+    from condlora.eval.classifier import DigitClassifier
+
+    torch.manual_seed(0)
+    net = DigitClassifier().eval()
+    monkeypatch.setattr("condlora.eval.classifier.cached_digit_classifier", lambda *a, **k: net)
+    mnist = ["--preset", "mnist-nano", *TINY[2:], "--train.steps", "2", "--sample.count", "10"]
+    assert main(["train", *mnist, "--train.out_dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "class accuracy (reference MNIST classifier):" in out and "| samples | accuracy |" in out
 
 
 def test_resume_extends_a_finished_run(tmp_path, capsys):

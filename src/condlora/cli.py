@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             png, npz = sample_to_files(net, cfg, cfg.sample, out_dir / "samples", dist.device, cfg.train.progress)
             print(f"samples: {png}\n         {npz}")
             if cfg.data.dataset == "mnist5k" and cfg.model.num_classes == 10:
-                cmd_eval(argparse.Namespace(samples=npz, cache_dir=None))
+                cmd_eval(build_parser().parse_args(["eval", str(npz)]))
     finally:
         shutdown_distributed()
 
@@ -160,11 +160,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{IN_DOMAIN_FID_NAME}: {results['fid_in_domain']:.4f}")
         print(f"precision {results['precision']:.3f}  recall {results['recall']:.3f}  "
               f"diversity {results['diversity']:.4f}  ({results['count']} samples)")  # fmt: skip
+    if args.inception_weights:
+        from condlora.data import load_mnist5k, split_indices
+        from condlora.eval.inception import INCEPTION_FID_NAME, inception_fid
+
+        source = load_mnist5k()
+        train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)
+        results["fid_inception"] = inception_fid(
+            archive["images"], source.images[train_idx], args.inception_weights, args.cache_dir
+        )
+        print(f"{INCEPTION_FID_NAME}: {results['fid_inception']:.4f}")
     overall, per_class = digit_class_accuracy(args.samples, args.cache_dir)
     results.update(accuracy=overall, per_class_accuracy=per_class)
     print(f"class accuracy (reference MNIST classifier): {overall:.1%}")
     print("  " + "  ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
-    columns = [k for k in ("fid_in_domain", "precision", "recall", "diversity", "accuracy") if k in results]
+    columns = [
+        k for k in ("fid_inception", "fid_in_domain", "precision", "recall", "diversity", "accuracy") if k in results
+    ]
     print("| samples | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     print(f"| {args.samples} | " + " | ".join(f"{results[k]:.4f}" for k in columns) + " |")
     if args.json:
@@ -293,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fid",
         action="store_true",
         help="also in-domain FID, precision, recall and diversity against MNIST-5k's training split (1000+ samples)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        metavar="PTH",
+        help="also the standard FID (Inception-v3 pool3) from this local pt_inception-2015-12-05-6726825d.pth",
     )
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(func=cmd_eval)

@@ -55,9 +55,10 @@ class _Given(nn.Module):
 
 
 @torch.no_grad()
-def extract(images: np.ndarray, features: nn.Module, batch_size: int = 500, name: str = "images") -> torch.Tensor:
+def extract(images: np.ndarray, features: nn.Module, batch_size: int = 0, name: str = "images") -> torch.Tensor:
     """(N, D) float64 features of uint8 images (N, H, W, C), at least 2 of them (`name` says which set in the
-    error)."""
+    error), `batch_size` at a time (0: the feature network's `batch_size`, else 500)."""
+    batch_size = batch_size or getattr(features, "batch_size", 500)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) < 2:
         raise ValueError(
             f"feature metrics need at least 2 uint8 {name} (N, H, W, C), got {images.dtype} {images.shape}"
