@@ -177,3 +177,21 @@ def test_study_resumes_after_an_interruption_without_redoing_finished_runs(tmp_p
     assert (study / "report" / "with_lora-omega_fixed-omega.png").is_file()
     assert main(["study", str(tmp_path / "other"), "--modes", "bogus"]) == 2
     assert main(["study", str(study), "--seeds", "0,1"]) == 2  # another study in the same directory
+
+
+def test_jobs_run_each_configuration_in_its_own_process(tmp_path, monkeypatch):
+    """--jobs 2: both runs go to worker processes (`condlora study DIR --only CONFIG:SEED`), each logged."""
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "cache"
+    (cache / "condlora").mkdir(parents=True)
+    torch.manual_seed(0)  # a stand-in classifier the workers find in their cache
+    save_file(DigitClassifier().state_dict(), str(cache / "condlora" / "digit-classifier-v1.safetensors"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    study = tmp_path / "study"
+    assert main([*_study_args(study), "--jobs", "2", "--threads", "1", "--train.steps=4"]) == 0
+    for run in ("baseline-seed0", "with_lora-omega_fixed-seed0"):
+        assert (study / "runs" / run / "final.json").is_file()
+        assert "step 4: FID" in (study / "runs" / f"{run}.log").read_text()
+    results = json.loads((study / "report" / "results.json").read_text())["results"]
+    assert set(results) == {"baseline", "with_lora-omega_fixed"}
