@@ -92,6 +92,19 @@ class LoRAConfig:
     uc_widths: tuple[int, ...] = setting((128, 64), "hidden widths of each UC-LoRA MLP")
     basis_bias: bool = setting(False, "add the zero-initialised per-basis bias of the published UC-LoRA code")
     plain: bool = setting(False, "a plain, unconditioned LoRA adapter (omega = 1) on every target")
+    tsm_scales: tuple[int, ...] = setting(
+        (), "TimeStep Master: scales n of the timestep experts, n experts each (e.g. 1,2,4,8); empty turns it off"
+    )
+    tsm_stage: Literal["foster", "assemble"] = setting(
+        "foster", "TSM stage: foster (one expert per sample) or assemble (core + routed context experts)"
+    )
+    tsm_scale: int = setting(
+        0, "TSM foster stage: the scale whose experts run; 0 = each training sample to one scale, finest when sampling"
+    )
+    tsm_router: Literal["both", "time", "features"] = setting(
+        "both", "TSM router G = FC(x) + E[t] (both), E[t] alone (time) or FC(x) alone (features)"
+    )
+    tsm_core: bool = setting(True, "TSM assemble stage: the finest expert as ungated core; false = symmetric mixture")
 
     def __post_init__(self) -> None:
         check_fields(self, "lora")
@@ -100,6 +113,21 @@ class LoRAConfig:
         check(self.time_bases >= 2, "lora", "time_bases", "must be >= 2", self.time_bases)
         check(self.class_bases >= 1, "lora", "class_bases", "must be >= 1", self.class_bases)
         check(self.uc_bases >= 0, "lora", "uc_bases", "must be >= 0", self.uc_bases)
+        scales = self.tsm_scales
+        check(
+            min(scales, default=1) >= 1 and len(set(scales)) == len(scales),
+            "lora",
+            "tsm_scales",
+            "must be distinct integers >= 1",
+            scales,
+        )
+        check(
+            self.tsm_scale == 0 or self.tsm_scale in scales,
+            "lora",
+            "tsm_scale",
+            f"must be 0 or one of tsm_scales {list(scales)}",
+            self.tsm_scale,
+        )
         check(
             self.omega_init != "gaussian" or self.omega == "train",
             "lora",
@@ -110,8 +138,8 @@ class LoRAConfig:
 
     @property
     def conditioned(self) -> bool:
-        """Whether a conditioned bank (TimeLoRA, ClassLoRA or UC-LoRA) is enabled."""
-        return self.time != "none" or self.classes != "none" or self.uc_bases > 0
+        """Whether a conditioned bank (TimeLoRA, ClassLoRA, UC-LoRA or TimeStep Master) is enabled."""
+        return self.time != "none" or self.classes != "none" or self.uc_bases > 0 or bool(self.tsm_scales)
 
     @property
     def active(self) -> bool:

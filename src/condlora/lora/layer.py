@@ -19,7 +19,7 @@ from torch import nn
 from condlora.conditions import Conditions
 
 
-def _layer_shape(base: nn.Module) -> tuple[int, int, int]:
+def layer_shape(base: nn.Module) -> tuple[int, int, int]:
     """(C_in, C_out, channel dim) of a supported base layer, else a clear error."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, -1
@@ -59,7 +59,7 @@ class ConditionedLoRA(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base_layer = base_layer
-        self.c_in, self.c_out, self.channel_dim = _layer_shape(base_layer)
+        self.c_in, self.c_out, self.channel_dim = layer_shape(base_layer)
         self.rank, self.scaling = rank, (alpha if alpha is not None else rank) / rank
         self.strategies = nn.ModuleDict(strategies)
         self.num_bases = sum(s.num_bases for s in self.strategies.values())

@@ -10,7 +10,8 @@ from typing import Any
 from torch import nn
 
 from condlora.config import ConfigError, LoRAConfig, convert
-from condlora.lora.strategies import UCMLP, ClassSelect, ClassTable, PlainLoRA, TimeTable
+from condlora.lora.layer import layer_shape
+from condlora.lora.strategies import UCMLP, ClassSelect, ClassTable, PlainLoRA, TimestepExperts, TimeTable
 
 
 @dataclass
@@ -54,6 +55,18 @@ class LoRASpec(LoRAConfig):
             if self.embedding_dim < 1:
                 raise ValueError("UC-LoRA needs the backbone's embedding width (LoRASpec.embedding_dim)")
             banks["uc"] = UCMLP(self.embedding_dim, self.uc_bases, self.uc_widths)
+        if self.tsm_scales:
+            c_in, _, channel_dim = layer_shape(base_layer)
+            banks["tsm"] = TimestepExperts(
+                self.num_timesteps,
+                self.tsm_scales,
+                c_in,
+                channel_dim,
+                self.tsm_stage,
+                self.tsm_scale,
+                self.tsm_router,
+                self.tsm_core,
+            )
         return banks
 
     def to_dict(self) -> dict[str, Any]:

@@ -166,3 +166,109 @@ class PlainLoRA(nn.Module):
 
     def forward(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
         return torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+
+
+def expert_intervals(steps: torch.Tensor, num_timesteps: int, scale: int) -> torch.Tensor:
+    """TimeStep Master's interval of each 0-based step at one scale (paper Eq. 7): i = ceil(t / T * n) for the
+    1-based step t = step + 1, so i is in 1..n and interval i holds the steps t in ((i - 1) T / n, i T / n]."""
+    return torch.div((steps + 1) * scale + num_timesteps - 1, num_timesteps, rounding_mode="floor")
+
+
+class TimestepExperts(nn.Module):
+    """TimeStep Master (TSM): LoRA experts per interval of timesteps at several scales, one adapter each.
+
+    For each scale n of `scales` there are n experts; expert i of scale n serves the steps of its interval
+    (`expert_intervals`), so sum(scales) adapters in all, scale by scale in the order given.
+
+    Stage "foster" (paper sec. 3.1): omega is one-hot on one expert per sample. With `scale` = n, the experts
+    of scale n (training and sampling). With `scale` = 0, in training each sample goes to the scale at its
+    position in the batch (sample b to scale b mod S: every expert then trains only on its own interval's
+    steps, as S separate runs would, within one mixed batch) and in evaluation to the finest scale.
+
+    Stage "assemble" (sec. 3.2, Eq. 5-6): the finest scale's expert for t is the core expert with weight 1;
+    the other scales' experts for t are context experts weighted by the router G = FC(x) + E[t], one output
+    per context scale, with no squashing, computed at every position of the layer's input (per sample and
+    per token, never pooled). `core=False` gives the symmetric mixture (every scale gated); `router` "time"
+    keeps only E[t], "features" only FC(x). FC and E start at zero, so an assembled layer starts as the core
+    expert alone; the experts stay as fostered and only FC and E are meant to train (`router_parameters`).
+
+    Args:
+        num_timesteps: T.
+        scales: the scales n, each >= 1.
+        c_in: input channels of the layer (the router's FC reads them).
+        channel_dim: where x keeps its channels (-1 for Linear layers, 1 for convolutions).
+    """
+
+    def __init__(
+        self,
+        num_timesteps: int,
+        scales: tuple[int, ...],
+        c_in: int,
+        channel_dim: int = -1,
+        stage: Literal["foster", "assemble"] = "foster",
+        scale: int = 0,
+        router: Literal["both", "time", "features"] = "both",
+        core: bool = True,
+    ):
+        super().__init__()
+        if not scales or min(scales) < 1 or len(set(scales)) != len(scales):
+            raise ValueError(f"TimeStep Master needs distinct scales >= 1, got {scales}")
+        if scale and scale not in scales:
+            raise ValueError(f"tsm scale {scale} is not one of the scales {scales}")
+        if stage not in ("foster", "assemble") or router not in ("both", "time", "features"):
+            raise ValueError(f"unknown TSM stage {stage!r} or router {router!r}")
+        self.num_timesteps, self.scales, self.channel_dim = num_timesteps, tuple(scales), channel_dim
+        self.stage, self.scale, self.router, self.core = stage, scale, router, core
+        self.num_bases = sum(scales)
+        self.register_buffer("offsets", torch.tensor([0, *scales[:-1]]).cumsum(0), persistent=False)
+        finest = max(range(len(scales)), key=lambda k: scales[k])
+        self.core_index = finest if core else -1
+        self.gated = [k for k in range(len(scales)) if k != self.core_index]
+        self.reads_input = stage == "assemble" and router != "time" and bool(self.gated)
+        if stage == "assemble" and self.gated:
+            if router != "features":
+                self.time_embed = nn.Parameter(torch.zeros(num_timesteps, len(self.gated)))  # E: (T, K)
+            if router != "time":
+                self.fc = nn.Linear(c_in, len(self.gated))
+                nn.init.zeros_(self.fc.weight)
+                nn.init.zeros_(self.fc.bias)
+
+    def experts(self, steps: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """(B,) index among all experts of each step's expert at scale `scales[scale_index]`."""
+        n = self.scales[scale_index]
+        return self.offsets[scale_index] + expert_intervals(steps, self.num_timesteps, n) - 1
+
+    def forward(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
+        steps = _require(cond.step, "step", "TimeStep Master")
+        if self.stage == "foster":
+            return F.one_hot(self._foster_experts(steps), self.num_bases).to(x.dtype)
+        omega = torch.zeros(steps.shape[0], self.num_bases, dtype=x.dtype, device=x.device)
+        if self.core:
+            omega = omega + F.one_hot(self.experts(steps, self.core_index), self.num_bases).to(x.dtype)
+        if not self.gated:
+            return omega
+        context = torch.stack([F.one_hot(self.experts(steps, k), self.num_bases) for k in self.gated], 1)
+        context = context.to(x.dtype)  # (B, K, M): where each context scale's expert for t sits
+        gate = self.time_embed[steps].to(x.dtype) if self.router != "features" else None  # (B, K)
+        if self.router == "time":
+            return omega + torch.einsum("bk,bkm->bm", gate, context)
+        h = x.movedim(self.channel_dim, -1) if self.channel_dim != -1 else x  # (B, ..., C)
+        g = self.fc(h)  # (B, ..., K) per position
+        if gate is not None:
+            g = g + gate.reshape(gate.shape[0], *([1] * (g.dim() - 2)), gate.shape[1])
+        flat = g.reshape(g.shape[0], -1, g.shape[-1])  # (B, P, K)
+        per_position = torch.einsum("bpk,bkm->bpm", flat, context) + omega[:, None, :]
+        per_position = per_position.reshape(*g.shape[:-1], self.num_bases)
+        return per_position.movedim(-1, self.channel_dim) if self.channel_dim != -1 else per_position
+
+    def _foster_experts(self, steps: torch.Tensor) -> torch.Tensor:
+        if self.scale:
+            return self.experts(steps, self.scales.index(self.scale))
+        if not self.training:
+            return self.experts(steps, max(range(len(self.scales)), key=lambda k: self.scales[k]))
+        which = torch.arange(steps.shape[0], device=steps.device) % len(self.scales)  # sample b -> scale b mod S
+        per_scale = torch.stack([self.experts(steps, k) for k in range(len(self.scales))], 1)  # (B, S)
+        return per_scale.gather(1, which[:, None])[:, 0]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name.startswith(("fc.", "time_embed"))]
