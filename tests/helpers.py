@@ -1,8 +1,10 @@
-"""Fault injection shared by the tests: a run that dies mid-training, a loss that turns bad."""
+"""Shared by the tests: fault injection (a run that dies mid-training, a loss that turns bad), a network call
+with the step in its conditions, tiny random diffusers UNets."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from condlora.diffusion import DDPM
 from condlora.train import EMA, train
@@ -34,3 +36,23 @@ def poison_loss(monkeypatch, at_call: int, poison) -> None:
         return {"loss": poison(loss) if calls["n"] == at_call else loss}
 
     monkeypatch.setattr(DDPM, "loss", poisoned)
+
+
+def predict(net, x, t, cond):
+    """net(x, t, cond) as a DDPM process calls it: the step also in the conditions."""
+    return net(x, t.float(), cond.replace(step=t))
+
+
+def tiny_unet(kind: str):
+    """A tiny random diffusers UNet2DModel or UNet2DConditionModel (8x8, one channel), built offline."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    common = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+              "block_out_channels": (16, 32), "norm_num_groups": 8}  # fmt: skip
+    if kind == "UNet2DModel":
+        return diffusers.UNet2DModel(**common, attention_head_dim=8, up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                                     down_block_types=("DownBlock2D", "AttnDownBlock2D"))  # fmt: skip
+    return diffusers.UNet2DConditionModel(
+        **common, cross_attention_dim=12, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import predict as _predict
+from helpers import tiny_unet as _tiny_unet
 from helpers import train_until_killed
 from safetensors.torch import load_file
 
@@ -18,10 +20,6 @@ from condlora.train.checkpoint import CheckpointError, load_latest
 from condlora.train.weights import lora_owned
 
 CLASS_LORA = {"model": {"conditioning": "with_lora"}, "lora": {"classes": "select", "rank": 2}}
-
-
-def _predict(net, x, t, cond):
-    return net(x, t.float(), cond.replace(step=t))
 
 
 def test_trainable_lora_leaves_every_base_weight_untouched_and_checkpoints_hold_only_adapters(tiny_config):
@@ -100,20 +98,6 @@ def test_loss_terms_each_get_a_metrics_column(tiny_config, monkeypatch):
     assert list(rows[0]) == ["step", "loss", "half", "lr", "grad_norm", "steps_per_sec", "elapsed_s"]
     for row in rows:
         assert float(row["half"]) == pytest.approx(float(row["loss"]) / 2, rel=1e-6)
-
-
-def _tiny_unet(kind: str):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    common = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
-              "block_out_channels": (16, 32), "norm_num_groups": 8}  # fmt: skip
-    if kind == "UNet2DModel":
-        return diffusers.UNet2DModel(**common, attention_head_dim=8, up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                                     down_block_types=("DownBlock2D", "AttnDownBlock2D"))  # fmt: skip
-    return diffusers.UNet2DConditionModel(
-        **common, cross_attention_dim=12, attention_head_dim=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])

@@ -186,3 +186,34 @@ def test_assembling_after_fostering_trains_only_the_routers(tiny_config, tmp_pat
     assert all(after[k].abs().sum() > 0 for k in routers)  # the routers, zero at the start, trained
     ups = [after[k] for k in after if k.endswith("lora_up")]
     assert ups and all(u.abs().sum() > 0 for u in ups)  # the fostered experts are not zero
+
+
+@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
+@torch.no_grad()
+def test_assembled_experts_on_diffusers_attention_per_sample(kind):
+    """TSM on a diffusers UNet's to_q / to_k / to_v / to_out.0 (the paper's targets): routed per sample and per
+    token, with cross-attention keys and values routed on the text tokens they read."""
+    from helpers import predict, tiny_unet
+
+    from condlora.lora import LoRASpec, conditioned_layers
+    from condlora.nets.diffusers_unet import DiffusersUNet
+
+    targets = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
+    spec = LoRASpec(targets=targets, tsm_scales=(1, 2, 4), tsm_stage="assemble", num_timesteps=100)
+    net = DiffusersUNet(tiny_unet(kind), spec, num_classes=0)
+    layers = [layer for _, layer in conditioned_layers(net)]
+    assert len(layers) >= 4 and all("tsm" in layer.strategies for layer in layers)
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_up, std=0.05)
+        for p in layer.strategies["tsm"].parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 95])
+    context = torch.randn(3, 4, 12) if kind == "UNet2DConditionModel" else None
+    batched = predict(net, x, t, Conditions(context=context))
+    for i in range(3):
+        one = Conditions(context=None if context is None else context[i : i + 1])
+        torch.testing.assert_close(
+            predict(net, x[i : i + 1], t[i : i + 1], one), batched[i : i + 1], atol=1e-5, rtol=1e-4
+        )
+    base = predict(net, x, t, Conditions(context=context, lora_scale=torch.zeros(3)))
+    assert not torch.allclose(base, batched, atol=1e-4)  # the experts act
