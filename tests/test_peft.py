@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_finetune import _tiny_unet
+from helpers import tiny_unet as _tiny_unet
 
 from condlora.conditions import Conditions
 from condlora.lora import LoRASpec, conditioned_layers, export_peft, save_lora
