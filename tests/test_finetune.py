@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import predict as _predict
+from helpers import tiny_unet, train_until_killed
 from helpers import tiny_unet as _tiny_unet
-from helpers import train_until_killed
 from safetensors.torch import load_file
 
 from condlora.conditions import Conditions
@@ -164,3 +164,57 @@ def test_resume_of_an_adapter_run_is_exact(tiny_config, tmp_path, monkeypatch):
     for group in ("model", "ema", "optimizer"):
         assert a.tensors[group].keys() == b.tensors[group].keys()
         assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group]), group
+
+
+def _cli_tiny(out: Path, steps: int = 4) -> list[str]:
+    return ["--ddpm.num_timesteps", "100", "--train.steps", str(steps), "--train.batch_size", "8",
+            "--train.checkpoint_every", "2", "--train.progress", "false", "--train.device", "cpu",
+            "--sample.steps", "3", "--sample.count", "4", "--train.out_dir", str(out)]  # fmt: skip
+
+
+def test_finetune_stages_from_the_command_line(tmp_path, capsys):
+    from condlora.cli import main
+    from condlora.presets import build_config
+
+    tiny = ["--nano.channels", "8", "--nano.channel_mult", "1,2", "--nano.attn_levels", "1", "--nano.num_heads", "2"]
+    base, foster, assemble = tmp_path / "base", tmp_path / "foster", tmp_path / "assemble"
+    assert main(["train", "--preset", "digits-nano", *tiny, *_cli_tiny(base)]) == 0
+    assert main(["finetune", str(base), "--stage", "foster", "--lora.tsm_scales", "1,2", *_cli_tiny(foster)]) == 0
+    saved = json.loads((foster / "config.json").read_text())
+    assert saved["lora"]["tsm_scales"] == [1, 2] and saved["lora"]["tsm_stage"] == "foster"
+    assert saved["train"]["trainable"] == ["lora"] and saved["train"]["init_from"] == str(base)
+    assert saved["model"]["conditioning"] == "with_lora" and saved["nano"]["channels"] == 8  # the base's net
+    assert main(["finetune", str(foster), "--stage", "assemble", *_cli_tiny(assemble)]) == 0
+    saved = json.loads((assemble / "config.json").read_text())
+    assert saved["lora"]["tsm_stage"] == "assemble" and saved["train"]["trainable"] == ["*.strategies.tsm.*"]
+    assert main(["finetune", "--resume", str(assemble), "--train.steps", "6"]) == 0
+    assert load_latest(assemble / "checkpoints").step == 6
+    capsys.readouterr()
+    assert main(["finetune", str(base), "--stage", "assemble", *_cli_tiny(tmp_path / "x")]) == 2
+    assert "is not a fostering run" in capsys.readouterr().err
+    assert main(["finetune", str(foster), "--stage", "lora", *_cli_tiny(tmp_path / "y")]) == 2
+    assert "already has LoRA layers" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "none"), "--stage", "lora", *_cli_tiny(tmp_path / "z")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert build_config("digits-nano")  # the presets are untouched by the stages
+
+
+def test_finetune_lora_on_a_diffusers_folder_exports_a_peft_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from condlora.cli import main
+
+    tiny_unet("UNet2DModel").save_pretrained(tmp_path / "unet")
+    run = tmp_path / "run"
+    args = ["finetune", str(tmp_path / "unet"), "--stage", "lora", "--preset", "digits-nano", "--lora.rank", "2"]
+    assert main([*args, "--lora.dropout", "0.1", "--train.lr", "1e-2", *_cli_tiny(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["backbone"] == "diffusers" and saved["model"]["image_size"] == 8
+    assert saved["lora"]["plain"] and saved["train"]["trainable"] == ["lora"]
+    tuned, _, _ = load_model(run)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 70.0])
+    with torch.no_grad():
+        ours = tuned(x, t, Conditions())
+        model = peft.PeftModel.from_pretrained(tiny_unet("UNet2DModel"), run / "peft").eval()
+        torch.testing.assert_close(model(x, t).sample, ours, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(tiny_unet("UNet2DModel")(x, t).sample, ours, atol=1e-4)  # the adapter trained
+    assert json.loads((run / "peft" / "adapter_config.json").read_text())["lora_dropout"] == 0.1

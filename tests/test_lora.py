@@ -288,3 +288,27 @@ def test_injection_follows_the_base_dtype():
     assert model[0].lora_down.dtype == torch.bfloat16
     with bind_conditions(model, Conditions(step=torch.tensor([3, 40]))):
         assert model(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_lora_dropout_drops_only_the_adapters_input_in_training():
+    from condlora.conditions import Conditions
+    from condlora.lora import ConditionedLoRA
+    from condlora.lora.strategies import PlainLoRA
+
+    torch.manual_seed(0)
+    layer = ConditionedLoRA(torch.nn.Linear(6, 4), {"plain": PlainLoRA()}, rank=2, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_up)
+    x = torch.randn(3, 5, 6)
+    layer.conditions = Conditions(shared=True)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        full = base + x @ layer.lora_down.T @ layer.lora_up.T
+        layer.eval()
+        torch.testing.assert_close(layer(x), full)  # no dropout outside training (merged path)
+        layer.train()
+        torch.manual_seed(1)
+        mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)  # the same draw
+        torch.manual_seed(1)
+        torch.testing.assert_close(layer(x), base + (x * mask) @ layer.lora_down.T @ layer.lora_up.T)
+    with pytest.raises(ValueError, match=r"LoRA dropout must be in \[0, 1\)"):
+        ConditionedLoRA(torch.nn.Linear(6, 4), {"plain": PlainLoRA()}, dropout=1.0)

@@ -1,4 +1,5 @@
-"""`condlora train | sample | eval | plots | study | info | convert-edm`: parse arguments and call the library."""
+"""`condlora train | finetune | sample | eval | plots | study | info | convert-edm`: parse arguments, call the
+library."""
 
 from __future__ import annotations
 
@@ -80,23 +81,46 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.resume:
+        cfg, preset = _resume_config(args)
+    else:
+        cfg, preset = _config_from_args(args), args.preset
+    _train_and_sample(args, cfg, preset)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from condlora.train.finetune import finetune_config
+
+    if args.resume:
+        cfg, preset = _resume_config(args)
+    else:
+        if not args.source or not args.stage:
+            raise ConfigError("finetune: give SOURCE and --stage (or --resume RUN_DIR)")
+        cfg, preset = finetune_config(args.stage, args.source, _overrides(args), args.preset), f"finetune-{args.stage}"
+    out_dir = _train_and_sample(args, cfg, preset)
+    if out_dir is not None and cfg.lora.plain and cfg.model.backbone == "diffusers":
+        from condlora.lora import export_peft
+        from condlora.pipeline import load_model
+
+        net, _, _ = load_model(out_dir)
+        print(f"PEFT adapter (peft / diffusers load it onto the source UNet): {export_peft(net, out_dir / 'peft')}")
+
+
+def _train_and_sample(args: argparse.Namespace, cfg: RunConfig, preset: str) -> Path | None:
+    """Train (or resume) `cfg`, then sample the result and score MNIST digits; the run directory on the main
+    process, None on the others."""
     from condlora.pipeline import load_model, sample_to_files
     from condlora.train import train
     from condlora.train.distributed import init_distributed, shutdown_distributed
 
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
-    if args.resume:
-        (cfg, preset), out_dir = _resume_config(args), Path(args.resume)
-    else:
-        cfg, preset = _config_from_args(args), args.preset
     dist = init_distributed(cfg.train.device)
-    if not args.resume:
-        out_dir = Path(cfg.train.out_dir or dist.broadcast(_default_out_dir(preset)))
+    out_dir = Path(args.resume) if args.resume else Path(cfg.train.out_dir or dist.broadcast(_default_out_dir(preset)))
     try:
         result = train(cfg, out_dir, resume=bool(args.resume), preset=preset, overwrite=args.overwrite)
         if not dist.is_main:
-            return
+            return None
         print(f"trained {result.steps} steps in {result.train_seconds / 60:.1f} min; checkpoint: {result.checkpoint}")
         if not args.no_sample:
             net, cfg, _ = load_model(result.checkpoint, cfg.sample.use_ema, dist.device)
@@ -104,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"samples: {png}\n         {npz}")
             if cfg.data.dataset == "mnist5k" and cfg.model.num_classes == 10:
                 cmd_eval(build_parser().parse_args(["eval", str(npz)]))
+        return out_dir
     finally:
         shutdown_distributed()
 
@@ -282,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-sample", action="store_true", help="skip sampling after training")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model: plain LoRA, or TimeStep Master fostering / assembling",
+        description="Fine-tune SOURCE (a condlora run or checkpoint, or a local diffusers UNet folder) with its "
+        "weights frozen: --stage lora trains plain LoRA adapters (exported for peft / diffusers when SOURCE is a "
+        "diffusers UNet), foster trains TimeStep Master experts (lora.tsm_scales, default 1,2,4,8), assemble "
+        "trains only the routers of a fostering run's experts.",
+    )
+    p.add_argument("source", nargs="?", help="the pretrained model (for assemble: the fostering run)")
+    p.add_argument("--stage", choices=["lora", "foster", "assemble"], help="what to train")
+    _add_config_options(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --train.out_dir")
+    p.add_argument("--no-sample", action="store_true", help="skip sampling after training")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("sample", help="sample a trained model to a PNG grid and an .npz")
     p.add_argument("checkpoint", help="a run directory (newest good checkpoint) or one checkpoint directory")

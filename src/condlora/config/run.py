@@ -146,7 +146,7 @@ class RunConfig:
             banks or mode not in ("with_lora", "lora_only"),
             "model",
             "conditioning",
-            "with_lora / lora_only need lora.time, lora.classes or lora.uc_bases",
+            "with_lora / lora_only need lora.time, lora.classes, lora.uc_bases or lora.tsm_scales",
             mode,
         )
         check(

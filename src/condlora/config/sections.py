@@ -76,6 +76,7 @@ class LoRAConfig:
     )
     rank: int = setting(4, "rank r of every adapter")
     alpha: float = setting(0.0, "the adapters' output is scaled by alpha / rank; 0 means alpha = rank (scale 1)")
+    dropout: float = setting(0.0, "dropout on the adapters' input in training (PEFT's lora_dropout), in [0, 1)")
     time: Literal["none", "compositional", "noncompositional"] = setting(
         "none", "TimeLoRA: none, compositional (time_bases bases mixed by an omega table) or one adapter per step"
     )
@@ -110,6 +111,7 @@ class LoRAConfig:
         check_fields(self, "lora")
         check(self.rank >= 1, "lora", "rank", "must be >= 1", self.rank)
         check(self.alpha >= 0, "lora", "alpha", "must be >= 0", self.alpha)
+        check(0 <= self.dropout < 1, "lora", "dropout", "must be in [0, 1)", self.dropout)
         check(self.time_bases >= 2, "lora", "time_bases", "must be >= 2", self.time_bases)
         check(self.class_bases >= 1, "lora", "class_bases", "must be >= 1", self.class_bases)
         check(self.uc_bases >= 0, "lora", "uc_bases", "must be >= 0", self.uc_bases)

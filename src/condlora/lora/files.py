@@ -131,7 +131,7 @@ def export_peft(model: nn.Module, directory: str | Path, root: nn.Module | None 
     layers = list(conditioned_layers(root))
     if not layers:
         raise ValueError("nothing to export: the model has no LoRA layers")
-    ranks, scalings, lora_a, lora_b = set(), set(), {}, {}
+    ranks, scalings, dropouts, lora_a, lora_b = set(), set(), set(), {}, {}
     for name, layer in layers:
         banks = sorted(layer.strategies)
         if banks != ["plain"] or layer.basis_bias is not None:
@@ -141,6 +141,7 @@ def export_peft(model: nn.Module, directory: str | Path, root: nn.Module | None 
             )
         ranks.add(layer.rank)
         scalings.add(layer.scaling)
+        dropouts.add(layer.dropout)
         spatial = (1,) * (layer.base_layer.weight.dim() - 2)  # 1x1 convolutions keep their kernel dimensions
         lora_a[name] = layer.lora_down.detach().reshape(*layer.lora_down.shape, *spatial)
         lora_b[name] = layer.lora_up.detach().reshape(*layer.lora_up.shape, *spatial)
@@ -152,7 +153,7 @@ def export_peft(model: nn.Module, directory: str | Path, root: nn.Module | None 
         "r": rank,
         "lora_alpha": rank * scaling,
         "target_modules": sorted(lora_a),
-        "lora_dropout": 0.0,
+        "lora_dropout": max(dropouts),  # a training setting: the exported weights do not depend on it
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -33,6 +33,7 @@ def inject_conditioned_lora(
     rank: int = 4,
     basis_bias: bool = False,
     alpha: float | None = None,
+    dropout: float = 0.0,
 ) -> list[str]:
     """Replace every module whose qualified name matches one of `targets` (fnmatch patterns such as
     "*.qkv" or "*attn1.to_q") by a ConditionedLoRA wrapping it.
@@ -44,6 +45,7 @@ def inject_conditioned_lora(
         rank: r.
         basis_bias: add the per-basis bias.
         alpha: scale the adapters by alpha / r (None: alpha = r).
+        dropout: dropout on the adapters' input in training.
     Returns:
         The names of the wrapped modules; an error if none matched.
     """
@@ -61,7 +63,7 @@ def inject_conditioned_lora(
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = ConditionedLoRA(module, strategies(name, module), rank=rank, alpha=alpha, basis_bias=basis_bias)
+        layer = ConditionedLoRA(module, strategies(name, module), rank, alpha, basis_bias, dropout)
         setattr(parent, child, layer.to(device=module.weight.device, dtype=module.weight.dtype))
     return [name for name, _ in found]
 
@@ -69,7 +71,9 @@ def inject_conditioned_lora(
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[ConditionedLoRA]:
     """Wrap the modules `spec.targets` names with the adapters and strategies `spec` describes; returns the
     layers (in module order) so a backbone can bind conditions to them on every call."""
-    inject_conditioned_lora(model, spec.targets, spec.strategies, spec.rank, spec.basis_bias, spec.alpha or None)
+    inject_conditioned_lora(
+        model, spec.targets, spec.strategies, spec.rank, spec.basis_bias, spec.alpha or None, spec.dropout
+    )
     return [layer for _, layer in conditioned_layers(model)]
 
 

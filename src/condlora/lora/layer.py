@@ -42,6 +42,8 @@ class ConditionedLoRA(nn.Module):
         alpha: the adapters' output is scaled by alpha / r; None means alpha = r (scale 1, as in the
             conditioning papers).
         basis_bias: add the zero-initialised per-basis bias (r*M, C_out) of the published UC-LoRA code.
+        dropout: dropout probability on the adapters' input in training (PEFT's lora_dropout); the base
+            layer always sees the undropped input.
 
     A ~ N(0, (1/r)^2) (std 1/r, as in the published code) and B = 0, so a fresh layer equals its base.
     Conditions are set per call by `bind_conditions` (see `condlora.lora.inject`).
@@ -54,10 +56,14 @@ class ConditionedLoRA(nn.Module):
         rank: int = 4,
         alpha: float | None = None,
         basis_bias: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.dropout = dropout
         self.base_layer = base_layer
         self.c_in, self.c_out, self.channel_dim = layer_shape(base_layer)
         self.rank, self.scaling = rank, (alpha if alpha is not None else rank) / rank
@@ -108,7 +114,7 @@ class ConditionedLoRA(nn.Module):
         omega = self.omega(cond, x)
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
-        if cond.shared and omega.dim() == 2:
+        if cond.shared and omega.dim() == 2 and not (self.training and self.dropout):
             return self._forward_merged(x, omega[0])
         return self._forward_batched(x, omega)
 
@@ -122,7 +128,8 @@ class ConditionedLoRA(nn.Module):
 
     def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
-        h = self._project(x, self.lora_down)  # (B, ..., r*M, ...)
+        dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
+        h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
         h = h * (self._broadcast(scale, x) if scale.dim() == 2 else scale)
         out = self.base_layer(x) + self._project(h, self.lora_up)
         if self.basis_bias is not None:
