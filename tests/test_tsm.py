@@ -1,6 +1,7 @@
 """TimeStep Master: interval routing (Eq. 7), fostering one expert per sample, the assembled mixture of a core
 expert and routed context experts (Eq. 5-6) against a per-sample, per-position reference."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora import ConditionedLoRA
+from condlora.lora import ConditionedLoRA, conditioned_layers
 from condlora.lora.strategies import TimestepExperts, expert_intervals
 
 T = 1000
@@ -217,3 +218,74 @@ def test_assembled_experts_on_diffusers_attention_per_sample(kind):
         )
     base = predict(net, x, t, Conditions(context=context, lora_scale=torch.zeros(3)))
     assert not torch.allclose(base, batched, atol=1e-4)  # the experts act
+
+
+def test_interval_steps_are_exactly_the_steps_routed_to_that_expert():
+    from condlora.lora.strategies import interval_steps
+
+    steps = torch.arange(T)
+    for n in (1, 2, 3, 4, 7, 8):
+        owner = expert_intervals(steps, T, n)
+        for i in range(1, n + 1):
+            first, last = interval_steps(T, n, i)
+            assert torch.equal((owner == i).nonzero()[:, 0], torch.arange(first, last)), (n, i)
+    with pytest.raises(ValueError, match="interval must be in 1..4"):
+        interval_steps(T, 4, 5)
+
+
+def test_a_step_window_confines_training_steps():
+    from condlora.config import ConfigError
+    from condlora.diffusion import process_for
+    from condlora.presets import build_config
+
+    process = process_for(build_config("mnist-nano", {"ddpm": {"train_steps": "250,500"}}))
+    drawn = process.timestep_sampler.sample(20_000, torch.Generator().manual_seed(0))
+    assert drawn.min() == 250 and drawn.max() == 499  # both ends reached, nothing outside
+    iddpm = {"diffusion": {"family": "iddpm"}, "ddpm": {"train_steps": "0,10"}}
+    assert process_for(build_config("mnist-iddpm", iddpm)).timestep_sampler.high == 10
+    for bad in ("500,250", "0,1001", "5"):
+        with pytest.raises(ConfigError, match="ddpm.train_steps: must be two steps first,last"):
+            build_config("mnist-nano", {"ddpm": {"train_steps": bad}})
+    with pytest.raises(ConfigError, match="a step window needs the uniform timestep sampler"):
+        build_config("mnist-iddpm", {"ddpm": {"train_steps": "0,10", "timestep_sampler": "loss-second-moment"}})
+    with pytest.raises(ConfigError, match="TimeStep Master experts read discrete steps"):
+        build_config("mnist-edm", {"lora": {"tsm_scales": "1,2"}})
+
+
+def test_sequential_fostering_trains_one_expert_at_a_time_on_its_interval(tmp_path, capsys):
+    from condlora.cli import main
+    from condlora.pipeline import load_model
+
+    tiny = ["--nano.channels", "8", "--nano.channel_mult", "1,2", "--nano.attn_levels", "1", "--nano.num_heads", "2"]
+    common = ["--ddpm.num_timesteps", "100", "--train.batch_size", "8", "--train.progress", "false",
+              "--train.device", "cpu", "--train.lr", "1e-2", "--sample.steps", "3", "--sample.count", "4"]  # fmt: skip
+    base, foster = tmp_path / "base", tmp_path / "foster"
+    assert (
+        main(["train", "--preset", "digits-nano", *tiny, *common, "--train.steps", "6", "--train.out_dir", str(base)])
+        == 0
+    )
+    args = ["finetune", str(base), "--stage", "foster", "--sequential", "--lora.tsm_scales", "1,2", *common]
+    assert main([*args, "--train.steps", "6", "--train.out_dir", str(foster)]) == 0
+    runs = [foster / "scale1-interval1", foster / "scale2-interval1", foster / "scale2-interval2"]
+    windows = [json.loads((r / "config.json").read_text())["ddpm"]["train_steps"] for r in runs]
+    assert windows == [[0, 100], [0, 50], [50, 100]]
+    assert [json.loads((r / "config.json").read_text())["train"]["init_from"] for r in runs] == [
+        str(base),
+        str(runs[0]),
+        str(runs[1]),
+    ]
+
+    def experts(run, ema):
+        net, _, _ = load_model(run, use_ema=ema)
+        layer = next(layer for _, layer in conditioned_layers(net))
+        return layer.lora_up.detach().reshape(layer.c_out, 3, layer.rank)  # experts: scale 1 | scale 2 (x2)
+
+    before, after = experts(runs[0], ema=True), experts(runs[1], ema=False)  # the second run's start and end
+    assert torch.equal(after[:, 0], before[:, 0]) and torch.equal(after[:, 2], before[:, 2])
+    assert not torch.equal(after[:, 1], before[:, 1])  # only expert 1 of scale 2 trained
+    assert all(experts(runs[-1], ema=False)[:, e].abs().sum() > 0 for e in range(3))  # all fostered in the end
+    stamps = {p: p.stat().st_mtime_ns for p in foster.rglob("*.safetensors")}
+    capsys.readouterr()
+    assert main([*args, "--train.steps", "6", "--train.out_dir", str(foster)]) == 0  # again: nothing to do
+    assert "[1/3]" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in foster.rglob("*.safetensors")} == stamps

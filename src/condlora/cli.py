@@ -97,6 +97,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         if not args.source or not args.stage:
             raise ConfigError("finetune: give SOURCE and --stage (or --resume RUN_DIR)")
         cfg, preset = finetune_config(args.stage, args.source, _overrides(args), args.preset), f"finetune-{args.stage}"
+    if args.sequential:
+        _foster_sequentially(args, cfg, preset)
+        return
     out_dir = _train_and_sample(args, cfg, preset)
     if out_dir is not None and cfg.lora.plain and cfg.model.backbone == "diffusers":
         from condlora.lora import export_peft
@@ -104,6 +107,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
         net, _, _ = load_model(out_dir)
         print(f"PEFT adapter (peft / diffusers load it onto the source UNet): {export_peft(net, out_dir / 'peft')}")
+
+
+def _foster_sequentially(args: argparse.Namespace, cfg: RunConfig, preset: str) -> None:
+    """One run per expert (see `sequential_foster`); finished runs are skipped, an interrupted one resumes."""
+    from condlora.train.checkpoint import load_latest
+    from condlora.train.finetune import sequential_foster
+
+    if args.resume or args.stage != "foster":
+        raise ConfigError("--sequential fosters from SOURCE with --stage foster (run it again to resume)")
+    out_dir = Path(cfg.train.out_dir or _default_out_dir(preset))
+    runs = sequential_foster(cfg, out_dir)
+    for k, (run_dir, run_cfg) in enumerate(runs, 1):
+        latest = load_latest(run_dir / "checkpoints")
+        if latest is not None and latest.step >= run_cfg.train.steps:
+            continue
+        print(f"[{k}/{len(runs)}] {run_dir.name}: expert of steps {list(run_cfg.ddpm.train_steps)} ([first, last))")
+        step = argparse.Namespace(resume=str(run_dir) if latest else None, overwrite=latest is None,
+                                  no_sample=args.no_sample or k < len(runs))  # fmt: skip
+        _train_and_sample(step, run_cfg, preset)
+    print(f"fostered every expert; the last run holds them all: {runs[-1][0]}")
 
 
 def _train_and_sample(args: argparse.Namespace, cfg: RunConfig, preset: str) -> Path | None:
@@ -319,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="the pretrained model (for assemble: the fostering run)")
     p.add_argument("--stage", choices=["lora", "foster", "assemble"], help="what to train")
     _add_config_options(p)
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="foster one expert after another on its own interval (one run each under --train.out_dir)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --train.out_dir")
     p.add_argument("--no-sample", action="store_true", help="skip sampling after training")

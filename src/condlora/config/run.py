@@ -108,6 +108,13 @@ class RunConfig:
                 self.lora.time,
             )
             check(
+                not self.lora.tsm_scales,
+                "lora",
+                "tsm_scales",
+                "TimeStep Master experts read discrete steps, which the continuous edm family has none of",
+                self.lora.tsm_scales,
+            )
+            check(
                 self.edm.augment == 0 or self.model.backbone == "ddpmpp",
                 "edm",
                 "augment",
@@ -139,6 +146,21 @@ class RunConfig:
             self.lora.time_bases,
         )
         check(self.sample.steps <= T, "sample", "steps", f"must be <= ddpm.num_timesteps = {T}", self.sample.steps)
+        window = self.ddpm.train_steps
+        check(
+            not window or (len(window) == 2 and 0 <= window[0] < window[1] <= T),
+            "ddpm",
+            "train_steps",
+            f"must be two steps first,last with 0 <= first < last <= {T}",
+            window,
+        )
+        check(
+            not window or self.ddpm.timestep_sampler == "uniform",
+            "ddpm",
+            "train_steps",
+            "a step window needs the uniform timestep sampler",
+            window,
+        )
 
     def _check_conditioning(self) -> None:
         banks, mode, lora = self.lora.conditioned, self.model.conditioning, self.lora

@@ -188,6 +188,9 @@ class DDPMConfig:
     timestep_sampler: Literal["uniform", "loss-second-moment"] = setting(
         "uniform", "training steps: uniform, or iddpm's importance sampling by the loss's second moment"
     )
+    train_steps: tuple[int, ...] = setting(
+        (), "train only on the 0-based steps in [first, last) (e.g. one expert's interval); empty: all steps"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "ddpm")

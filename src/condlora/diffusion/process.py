@@ -57,14 +57,16 @@ class Process(Protocol):
 
 
 class UniformTimestepSampler:
-    """t ~ U{0, ..., T-1} (0-based: the papers' steps 1..T): every step equally likely, so all loss weights are 1."""
+    """t ~ U{0, ..., T-1} (0-based: the papers' steps 1..T): every step equally likely, so all loss weights are 1;
+    with `window` (first, last), t ~ U{first, ..., last - 1} (e.g. one TimeStep Master expert's interval)."""
 
-    def __init__(self, num_timesteps: int):
+    def __init__(self, num_timesteps: int, window: tuple[int, ...] = ()):
         self.num_timesteps = num_timesteps
+        self.low, self.high = window if window else (0, num_timesteps)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """(batch_size,) int64 steps on the generator's device."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=generator.device)
+        return torch.randint(self.low, self.high, (batch_size,), generator=generator, device=generator.device)
 
 
 class DDPM:
@@ -160,5 +162,6 @@ def process_for(cfg: RunConfig) -> Process:
 
         d = cfg.ddpm
         sampler = LossSecondMomentSampler(d.num_timesteps) if d.timestep_sampler == "loss-second-moment" else None
+        sampler = sampler or UniformTimestepSampler(d.num_timesteps, d.train_steps)
         return IDDPM(schedule_for(cfg), d.learn_sigma, d.vlb_weight, sampler)
-    return DDPM(schedule_for(cfg))
+    return DDPM(schedule_for(cfg), UniformTimestepSampler(cfg.ddpm.num_timesteps, cfg.ddpm.train_steps))

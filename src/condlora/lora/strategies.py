@@ -174,6 +174,14 @@ def expert_intervals(steps: torch.Tensor, num_timesteps: int, scale: int) -> tor
     return torch.div((steps + 1) * scale + num_timesteps - 1, num_timesteps, rounding_mode="floor")
 
 
+def interval_steps(num_timesteps: int, scale: int, interval: int) -> tuple[int, int]:
+    """The 0-based steps [first, last) of interval `interval` (1..n) at scale n: the steps whose
+    `expert_intervals` is that interval."""
+    if not 1 <= interval <= scale:
+        raise ValueError(f"interval must be in 1..{scale}, got {interval}")
+    return (interval - 1) * num_timesteps // scale, interval * num_timesteps // scale
+
+
 class TimestepExperts(nn.Module):
     """TimeStep Master (TSM): LoRA experts per interval of timesteps at several scales, one adapter each.
 

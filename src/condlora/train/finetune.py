@@ -36,7 +36,7 @@ def diffusers_folder(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "_class_name" in data else None
 
 
-def _source_config(source: Path, preset: str, overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _source_config(source: Path, preset: str) -> dict[str, dict[str, Any]]:
     """Sections describing the source network: its run configuration, or the diffusers folder's sizes."""
     from condlora.train.checkpoint import resolve_checkpoint
 
@@ -62,7 +62,7 @@ def finetune_config(
     if stage not in STAGES:
         raise ConfigError(f"finetune: unknown stage {stage!r} (choose from {', '.join(STAGES)})")
     source, overrides = Path(source), overrides or {}
-    base = _source_config(source, preset, overrides)
+    base = _source_config(source, preset)
     lora = base.get("lora", {})
     has_lora = bool(lora.get("time", "none") != "none" or lora.get("classes", "none") != "none")
     has_lora = has_lora or bool(lora.get("uc_bases") or lora.get("plain") or lora.get("tsm_scales"))
@@ -92,3 +92,34 @@ def finetune_config(
         return RunConfig.from_dict(merge_sections(base, stage_sections), overrides)
     except ConfigError as err:
         raise ConfigError(f"finetune --stage {stage}: {err}") from None
+
+
+def sequential_foster(cfg: RunConfig, out_dir: str | Path) -> list[tuple[Path, RunConfig]]:
+    """The paper's fostering, one expert after another: for each scale n and each interval i of it, a run
+    that trains only expert i of scale n (`lora.tsm_scale` n) on only its interval's steps
+    (`ddpm.train_steps`), starting from the previous run (`train.init_from`; the first from the fostering
+    run's own source). `cfg.train.steps` is the total budget, split evenly over the sum(scales) experts.
+    Returns (run directory, configuration) in order; the last run holds every expert."""
+    from condlora.lora.strategies import interval_steps
+
+    scales, T = cfg.lora.tsm_scales, cfg.ddpm.num_timesteps
+    if not scales or cfg.lora.tsm_stage != "foster":
+        raise ConfigError("finetune --sequential needs a fostering configuration (lora.tsm_scales, stage foster)")
+    per_expert = cfg.train.steps // sum(scales)
+    if per_expert < 1:
+        raise ConfigError(f"finetune --sequential: train.steps {cfg.train.steps} < {sum(scales)} experts")
+    if cfg.train.weight_decay:
+        raise ConfigError(
+            "finetune --sequential: train.weight_decay would shrink the experts that are not training (AdamW "
+            "decays a whole adapter tensor); set 0"
+        )
+    runs, source = [], cfg.train.init_from
+    for n in scales:
+        for i in range(1, n + 1):
+            run_dir = Path(out_dir) / f"scale{n}-interval{i}"
+            train = {"steps": per_expert, "init_from": source, "out_dir": str(run_dir)}
+            train["warmup_steps"] = min(cfg.train.warmup_steps, per_expert - 1)
+            sections = {"lora": {"tsm_scale": n}, "ddpm": {"train_steps": interval_steps(T, n, i)}, "train": train}
+            runs.append((run_dir, RunConfig.from_dict(cfg.to_dict(), sections)))
+            source = str(run_dir)
+    return runs
