@@ -44,11 +44,16 @@ def predict(net, x, t, cond):
 
 
 def tiny_unet(kind: str):
-    """A tiny random diffusers UNet2DModel or UNet2DConditionModel (8x8, one channel), built offline."""
+    """A tiny random diffusers UNet2DModel, UNet2DConditionModel or Transformer2DModel (8x8, one channel),
+    built offline."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     common = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
               "block_out_channels": (16, 32), "norm_num_groups": 8}  # fmt: skip
+    if kind == "Transformer2DModel":  # DiT-style: patches, adaLN-zero with 3 classes + the null class
+        return diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                            num_layers=1, sample_size=8, patch_size=2, norm_type="ada_norm_zero",
+                                            num_embeds_ada_norm=4)  # fmt: skip
     if kind == "UNet2DModel":
         return diffusers.UNet2DModel(**common, attention_head_dim=8, up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                                      down_block_types=("DownBlock2D", "AttnDownBlock2D"))  # fmt: skip

@@ -100,7 +100,7 @@ def test_loss_terms_each_get_a_metrics_column(tiny_config, monkeypatch):
         assert float(row["half"]) == pytest.approx(float(row["loss"]) / 2, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
+@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel", "Transformer2DModel"])
 @torch.no_grad()
 def test_conditions_reach_the_lora_layers_of_diffusers_unets(kind):
     from condlora.lora import LoRASpec
@@ -108,7 +108,7 @@ def test_conditions_reach_the_lora_layers_of_diffusers_unets(kind):
 
     unet = _tiny_unet(kind)
     net = DiffusersUNet(unet, LoRASpec(time="compositional", time_bases=4, num_timesteps=100, classes="select",
-                                       num_classes=3), num_classes=3)  # fmt: skip
+                                       num_classes=3), num_classes=3).eval()  # fmt: skip
     layers = [layer for _, layer in conditioned_layers(net)]
     assert layers and all(layer.conditions is None for layer in layers)
     for layer in layers:
@@ -123,10 +123,12 @@ def test_conditions_reach_the_lora_layers_of_diffusers_unets(kind):
     assert all(layer.conditions is None for layer in layers)  # bound for the call only
     base = _predict(net, x, t, cond.replace(lora_scale=torch.zeros(3)))
     kwargs = {"encoder_hidden_states": context} if context is not None else {}
-    plain = _tiny_unet(kind)
+    if kind == "Transformer2DModel":
+        kwargs["class_labels"] = cond.labels  # its adaLN-zero embeds classes
+    plain = _tiny_unet(kind).eval()
     plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items()
                            if "lora_" not in k and "strategies" not in k})  # fmt: skip
-    assert torch.allclose(base, plain(x, t.float(), **kwargs).sample, atol=1e-5)
+    assert torch.allclose(base, plain(x, timestep=t.float(), **kwargs).sample, atol=1e-5)
 
 
 def test_diffusers_backbone_from_a_local_folder(tiny_config, tmp_path):

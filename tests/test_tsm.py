@@ -189,7 +189,7 @@ def test_assembling_after_fostering_trains_only_the_routers(tiny_config, tmp_pat
     assert ups and all(u.abs().sum() > 0 for u in ups)  # the fostered experts are not zero
 
 
-@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
+@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel", "Transformer2DModel"])
 @torch.no_grad()
 def test_assembled_experts_on_diffusers_attention_per_sample(kind):
     """TSM on a diffusers UNet's to_q / to_k / to_v / to_out.0 (the paper's targets): routed per sample and per
@@ -201,7 +201,7 @@ def test_assembled_experts_on_diffusers_attention_per_sample(kind):
 
     targets = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
     spec = LoRASpec(targets=targets, tsm_scales=(1, 2, 4), tsm_stage="assemble", num_timesteps=100)
-    net = DiffusersUNet(tiny_unet(kind), spec, num_classes=0)
+    net = DiffusersUNet(tiny_unet(kind), spec, num_classes=3).eval()  # a DiT drops labels itself in training
     layers = [layer for _, layer in conditioned_layers(net)]
     assert len(layers) >= 4 and all("tsm" in layer.strategies for layer in layers)
     for layer in layers:
@@ -210,13 +210,14 @@ def test_assembled_experts_on_diffusers_attention_per_sample(kind):
             torch.nn.init.normal_(p, std=0.1)
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 95])
     context = torch.randn(3, 4, 12) if kind == "UNet2DConditionModel" else None
-    batched = predict(net, x, t, Conditions(context=context))
+    labels = torch.tensor([0, 2, -1])
+    batched = predict(net, x, t, Conditions(labels=labels, context=context))
     for i in range(3):
-        one = Conditions(context=None if context is None else context[i : i + 1])
+        one = Conditions(labels=labels[i : i + 1], context=None if context is None else context[i : i + 1])
         torch.testing.assert_close(
             predict(net, x[i : i + 1], t[i : i + 1], one), batched[i : i + 1], atol=1e-5, rtol=1e-4
         )
-    base = predict(net, x, t, Conditions(context=context, lora_scale=torch.zeros(3)))
+    base = predict(net, x, t, Conditions(labels=labels, context=context, lora_scale=torch.zeros(3)))
     assert not torch.allclose(base, batched, atol=1e-4)  # the experts act
 
 

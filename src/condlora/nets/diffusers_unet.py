@@ -1,4 +1,5 @@
-"""Fit a diffusers UNet (`UNet2DModel`, `UNet2DConditionModel`) to condlora's network contract, with LoRA.
+"""Fit a diffusers denoiser (`UNet2DModel`, `UNet2DConditionModel`, `Transformer2DModel`) to condlora's network
+contract, with LoRA.
 
 diffusers is imported lazily (an optional dependency) and nothing here downloads: build the UNet from a
 config, or read it from a local folder with `load_diffusers_unet(path)`, which takes safetensors weights
@@ -18,19 +19,20 @@ from condlora.lora import LoRASpec, bind_conditions, inject_lora
 
 DIFFUSERS_ATTENTION_TARGETS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "Transformer2DModel")
 
 
 class DiffusersUNet(nn.Module):
-    """`net(x, noise_level, cond) -> eps` around a diffusers UNet.
+    """`net(x, noise_level, cond) -> eps` around a diffusers UNet or image transformer.
 
-    The noise level goes to the UNet as its `timestep`; `cond.labels` become its `class_labels` when it has a
-    class embedding (NULL_LABEL as index `num_classes`, so build it with `num_class_embeds=num_classes + 1`);
-    `cond.context` becomes the `encoder_hidden_states` of a `UNet2DConditionModel`. Conditioned LoRA layers
-    receive `cond` for the call.
+    The noise level goes to the model as its `timestep`; `cond.labels` become its `class_labels` when it has a
+    class embedding (NULL_LABEL as index `num_classes`, so build it with `num_class_embeds=num_classes + 1`,
+    or for a DiT-style `Transformer2DModel` with `norm_type="ada_norm_zero"`,
+    `num_embeds_ada_norm=num_classes + 1`); `cond.context` becomes the `encoder_hidden_states` of a model with
+    cross-attention. Conditioned LoRA layers receive `cond` for the call.
 
     Args:
-        unet: a `diffusers.UNet2DModel` or `UNet2DConditionModel` predicting eps.
+        unet: a `diffusers.UNet2DModel`, `UNet2DConditionModel` or `Transformer2DModel` predicting eps.
         lora: optional LoRA recipe; its targets default to the attention projections of diffusers blocks.
         num_classes: classes the LoRA banks (and the UNet's own class embedding, if it has one) know about.
     """
@@ -40,22 +42,29 @@ class DiffusersUNet(nn.Module):
         self.unet, self.num_classes = unet, num_classes
         self.lora_spec = lora.with_targets(DIFFUSERS_ATTENTION_TARGETS) if lora is not None and lora.active else None
         self._lora_layers = inject_lora(unet, self.lora_spec) if self.lora_spec is not None else []
-        self._cross_attention = type(unet).__name__ == "UNet2DConditionModel"
+        config = getattr(unet, "config", {})
+        self._cross_attention = bool(config.get("cross_attention_dim")) and type(unet).__name__ != "UNet2DModel"
+        self._class_labels = getattr(unet, "class_embedding", None) is not None or (
+            config.get("norm_type") == "ada_norm_zero" and bool(config.get("num_embeds_ada_norm"))
+        )
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor, cond: Conditions | None = None) -> torch.Tensor:
         cond = cond if cond is not None else Conditions()
         kwargs = {}
-        if getattr(self.unet, "class_embedding", None) is not None:
+        if self._class_labels:
             labels = cond.labels
             if labels is None:
                 labels = torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
             kwargs["class_labels"] = torch.where(labels < 0, self.num_classes, labels)
         if self._cross_attention:
             if cond.context is None:
-                raise ValueError("a UNet2DConditionModel needs Conditions.context (its encoder_hidden_states)")
+                raise ValueError(
+                    f"a {type(self.unet).__name__} with cross-attention needs Conditions.context (its "
+                    "encoder_hidden_states)"
+                )
             kwargs["encoder_hidden_states"] = cond.context
         with bind_conditions(self._lora_layers, cond):
-            return self.unet(x, noise_level, **kwargs).sample
+            return self.unet(x, timestep=noise_level, **kwargs).sample
 
 
 def load_diffusers_unet(folder: str | Path) -> nn.Module:

@@ -42,8 +42,10 @@ def _source_config(source: Path, preset: str) -> dict[str, dict[str, Any]]:
 
     unet = diffusers_folder(source)
     if unet is not None:
+        ada = unet.get("num_embeds_ada_norm") if unet.get("norm_type") == "ada_norm_zero" else None
+        embeds = unet.get("num_class_embeds") or ada  # classes + the null class (see DiffusersUNet)
         model = {"backbone": "diffusers", "image_size": unet.get("sample_size", 32)}
-        model |= {"in_channels": unet.get("in_channels", 3), "num_classes": unet.get("num_class_embeds") or 0}
+        model |= {"in_channels": unet.get("in_channels", 3), "num_classes": embeds - 1 if embeds else 0}
         return merge_sections(build_config(preset).to_dict(), {"model": model})
     if not source.exists():
         raise ConfigError(
