@@ -290,3 +290,26 @@ def test_sequential_fostering_trains_one_expert_at_a_time_on_its_interval(tmp_pa
     assert main([*args, "--train.steps", "6", "--train.out_dir", str(foster)]) == 0  # again: nothing to do
     assert "[1/3]" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in foster.rglob("*.safetensors")} == stamps
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize(
+    "options", [{}, {"core": False}, {"router": "features"}], ids=["both", "symmetric", "features"]
+)
+def test_one_shared_step_merges_the_core_and_runs_only_the_context_experts(kind, options):
+    layer = _layer(kind, stage="assemble", **options)
+    x, steps = _input(kind, 4), torch.full((4,), 777)
+    calls = []
+    routed = layer._forward_routed
+    layer._forward_routed = lambda *a: calls.append(1) or routed(*a)
+    with torch.no_grad():
+        layer.conditions = Conditions(step=steps)  # per sample: the general batched path
+        batched = layer(x)
+        layer.conditions = Conditions(step=steps, shared=True)
+        torch.testing.assert_close(layer(x), batched, rtol=1e-5, atol=1e-5)
+        assert calls == [1]
+        layer.conditions = Conditions(step=steps, shared=True, lora_scale=torch.full((4,), 0.5))
+        half = layer(x)  # a LoRA scale in the call: the general path
+        assert calls == [1]
+        layer.conditions = Conditions(step=steps, lora_scale=torch.full((4,), 0.5))
+        torch.testing.assert_close(half, layer(x), rtol=1e-5, atol=1e-5)

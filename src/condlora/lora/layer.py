@@ -111,12 +111,32 @@ class ConditionedLoRA(nn.Module):
             if self.merged:  # a layer merged for one condition serves it without conditions
                 return self.base_layer(x)
             raise RuntimeError("conditioned LoRA called without conditions; wrap the call in bind_conditions()")
+        if cond.shared and self._routable(cond):
+            parts = next(iter(self.strategies.values())).routed(cond, x)
+            if parts is not None:
+                return self._forward_routed(x, *parts)
         omega = self.omega(cond, x)
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
         if cond.shared and omega.dim() == 2 and not (self.training and self.dropout):
             return self._forward_merged(x, omega[0])
         return self._forward_batched(x, omega)
+
+    def _routable(self, cond: Conditions) -> bool:
+        """Whether a router's split path applies: one strategy offering `routed`, one LoRA scale for the call,
+        nothing merged, no per-basis bias, no dropout to apply."""
+        (strategy, *others) = self.strategies.values()
+        plain = not (self.merged or self.basis_bias is not None or (self.training and self.dropout))
+        return plain and not others and hasattr(strategy, "routed") and cond.lora_scale is None
+
+    def _forward_routed(self, x: torch.Tensor, core: torch.Tensor, index: torch.Tensor, gates: torch.Tensor):
+        """Routed experts at one shared step: the core expert merged into the weight (one projection), and only
+        the K context adapters run per position, scaled by their gates: rank r*K instead of r*M."""
+        out = self._forward_merged(x, core * self.scaling)
+        down = self.lora_down.view(self.num_bases, self.rank, self.c_in)[index].reshape(-1, self.c_in)
+        up = self.lora_up.view(self.c_out, self.num_bases, self.rank)[:, index].reshape(self.c_out, -1)
+        scale = gates.repeat_interleave(self.rank, dim=self.channel_dim) * self.scaling
+        return out + self._project(self._project(x, down) * scale.to(x.dtype), up)
 
     def _broadcast_merged(self, omega: torch.Tensor) -> torch.Tensor:
         merged = self._merged_omega.to(omega.dtype)

@@ -269,6 +269,24 @@ class TimestepExperts(nn.Module):
         per_position = per_position.reshape(*g.shape[:-1], self.num_bases)
         return per_position.movedim(-1, self.channel_dim) if self.channel_dim != -1 else per_position
 
+    def routed(self, cond: Conditions, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The assembled mixture at one step shared by the whole batch, in parts a layer can compute cheaply:
+        (core omega (M,) to merge into the weight, the K context experts' indices (K,), their gates G at every
+        position of x (x's layout with K channels)); None where this does not apply (fostering, a router
+        without features: their omega is per sample and merges whole)."""
+        if self.stage != "assemble" or not self.reads_input:
+            return None
+        steps = _require(cond.step, "step", "TimeStep Master")[:1]
+        core = torch.zeros(self.num_bases, dtype=x.dtype, device=x.device)
+        if self.core:
+            core = F.one_hot(self.experts(steps, self.core_index), self.num_bases)[0].to(x.dtype)
+        index = torch.cat([self.experts(steps, k) for k in self.gated])  # (K,)
+        h = x.movedim(self.channel_dim, -1) if self.channel_dim != -1 else x
+        g = self.fc(h)
+        if self.router == "both":
+            g = g + self.time_embed[steps[0]].to(g.dtype)
+        return core, index, g.movedim(-1, self.channel_dim) if self.channel_dim != -1 else g
+
     def _foster_experts(self, steps: torch.Tensor) -> torch.Tensor:
         if self.scale:
             return self.experts(steps, self.scales.index(self.scale))
