@@ -2,6 +2,7 @@
 interrupted mid-run and resumed."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,38 @@ def test_jobs_run_each_configuration_in_its_own_process(tmp_path, monkeypatch):
         assert "step 4: FID" in (study / "runs" / f"{run}.log").read_text()
     results = json.loads((study / "report" / "results.json").read_text())["results"]
     assert set(results) == {"baseline", "with_lora-omega_fixed"}
+
+
+def test_a_study_killed_with_sigkill_resumes(tmp_path, monkeypatch):
+    """SIGKILL the `condlora study` process once its second run has a checkpoint, then run it again: the
+    first run is not redone and the second finishes from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "cache"
+    (cache / "condlora").mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(DigitClassifier().state_dict(), str(cache / "condlora" / "digit-classifier-v1.safetensors"))
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
+    study = tmp_path / "study"
+    args = [*_study_args(study), "--train.steps=40", "--eval-every", "20", "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "condlora.cli", *args], env=env, stdout=subprocess.DEVNULL)
+    second = study / "runs" / "with_lora-omega_fixed-seed0" / "checkpoints"
+    deadline = time.time() + 300
+    while not list_checkpoints(second) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = study / "runs" / "baseline-seed0"
+    assert (first / "final.json").is_file()
+    assert not (second.parent / "final.json").exists(), "the study ended before the kill; nothing was tested"
+    finished = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert main(["study", str(study), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == finished
+    assert json.loads((second.parent / "final.json").read_text())["step"] == 40
+    assert sorted(json.loads((second.parent / "eval.json").read_text()), key=int) == ["20", "40"]
