@@ -231,3 +231,39 @@ def test_a_study_killed_with_sigkill_resumes(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == finished
     assert json.loads((second.parent / "final.json").read_text())["step"] == 40
     assert sorted(json.loads((second.parent / "eval.json").read_text()), key=int) == ["20", "40"]
+
+
+def test_claims_are_judged_from_the_numbers():
+    from condlora.study import claims
+
+    def config(mode, omega, fid, params, beta_fid, locality=None):
+        stats = {
+            "best_fid": {"mean": fid[0], "std": fid[1], "n": 3},
+            "parameters": {"mean": params, "std": 0.0, "n": 3},
+            "extrapolation_fid_-1.0": {"mean": beta_fid, "std": 0.5, "n": 3},
+        }
+        if locality is not None:
+            stats["omega_locality"] = {"mean": locality, "std": 0.01, "n": 3}
+            stats["omega_locality_uniform"] = {"mean": 0.2, "std": 0.0, "n": 3}
+            stats["omega_locality_init"] = {"mean": 1.0, "std": 0.0, "n": 3}
+        return {"mode": mode, "omega": omega, "stats": stats}
+
+    results = {
+        "baseline": config("baseline", "", (5.0, 0.2), 100, 30.0),
+        "with_lora-omega_train": config("with_lora", "train", (3.0, 0.2), 120, 20.0, locality=0.9),
+        "lora_only": config("lora_only", "", (5.1, 0.2), 110, 3.0),
+        "adaln_attn": config("adaln_attn", "", (2.0, 0.1), 90, 25.0),
+    }
+    verdicts = dict(claims(results))
+    assert verdicts["with_lora <= baseline FID (with_lora-omega_train vs baseline)"].startswith("holds")
+    assert verdicts["lora_only FID comparable to baseline or better (lora_only vs baseline)"].startswith(
+        "holds, no significant difference"
+    )
+    assert (
+        verdicts["lora_only has fewer parameters than baseline (lora_only vs baseline)"] == "does not hold: 110 vs 100"
+    )
+    robust = "ClassLoRA more robust than scale-and-shift at beta = -1.0 (lora_only vs baseline)"
+    assert verdicts[robust].startswith("holds")
+    adaln = "LoRA better than adaLN on attention (with_lora-omega_train vs adaln_attn)"
+    assert verdicts[adaln].startswith("does not hold")
+    assert verdicts["trained omega puts its weight on nearby bases (with_lora-omega_train)"].startswith("holds: 0.900")
