@@ -177,6 +177,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         steps=args.steps,
         eta=args.eta,
         guidance_scale=args.guidance_scale,
+        guidance=args.guidance,
+        lora_scale=args.lora_scale,
+        autolora_gamma=args.gamma,
+        base_guidance_scale=args.base_guidance_scale,
         count=args.count,
         class_label=args.class_label,
         seed=args.seed,
@@ -359,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="ddpm / ddim: network evaluations per sample; heun: noise levels")
     p.add_argument("--eta", type=float, help="DDIM stochasticity in [0, 1]")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = conditional)")
+    p.add_argument(
+        "--guidance",
+        choices=["cfg", "autolora"],
+        help="cfg: classifier-free guidance; autolora: the LoRA model guided by its base model (AutoLoRA)",
+    )
+    p.add_argument("--lora-scale", type=float, help="alpha, the factor on the LoRA adapters (0: the base model)")
+    p.add_argument("--gamma", type=float, help="AutoLoRA's gamma (0: base, 1: LoRA model, > 1: beyond) [1.5]")
+    p.add_argument(
+        "--base-guidance-scale", type=float, help="AutoLoRA's w1, the base model's CFG scale [--guidance-scale]"
+    )
     p.add_argument("--count", type=int, help="number of images")
     p.add_argument("--class", dest="class_label", type=int, help="sample only this class (default: cycle)")
     p.add_argument("--seed", type=int, help="sample i uses seed + i")

@@ -49,7 +49,8 @@ class Conditions:
         """A copy with the given fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold a tensor, by name."""
         return {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if torch.is_tensor(getattr(self, f.name))
         }
@@ -95,7 +96,7 @@ class Conditions:
 
     def batch_size(self) -> int | None:
         """B, from the first tensor field; None if there is none."""
-        tensors = self._tensors()
+        tensors = self.tensors()
         return next(iter(tensors.values())).shape[0] if tensors else None
 
     def check(self, num_classes: int | None = None, num_timesteps: int | None = None) -> Conditions:

@@ -151,7 +151,8 @@ def sample_class_vectors(
     """uint8 images (N, H, W, C), image i drawn with the class vector `vectors[i]` (N, num_classes) in place of
     a label (interpolated, scaled or negated classes) and seed `seeds[i]`, with the run's sampler and
     guidance; the batches hold `cfg.sample.batch_size` images."""
-    from condlora.diffusion import PerSampleNoise, classifier_free, guided
+    from condlora.diffusion import PerSampleNoise, guided
+    from condlora.diffusion.generate import sample_guidance
 
     m, s = cfg.model, cfg.sample
     if vectors.shape != (len(seeds), m.num_classes):
@@ -162,7 +163,7 @@ def sample_class_vectors(
     for start in range(0, len(seeds), s.batch_size):
         part = vectors[start : start + s.batch_size].to(device)
         labels = torch.full((len(part),), NULL_LABEL, device=device)
-        denoise = guided(predict, classifier_free(Conditions(labels=labels, class_vector=part), s.guidance_scale))
+        denoise = guided(predict, sample_guidance(s, Conditions(labels=labels, class_vector=part), len(part), device))
         noise = PerSampleNoise(seeds[start : start + s.batch_size], device)
         x = process.sample(denoise, noise, (m.in_channels, m.image_size, m.image_size), s)
         images.append(unscale(x.clamp(-1, 1)))

@@ -308,6 +308,14 @@ class SampleConfig:
     )
     eta: float = setting(0.0, "DDIM stochasticity in [0, 1]; 0 is deterministic, 1 is ancestral")
     guidance_scale: float = setting(2.0, "classifier-free guidance scale w: 1 conditional, 0 unconditional")
+    guidance: Literal["cfg", "autolora"] = setting(
+        "cfg", "cfg: classifier-free guidance of the model; autolora: the LoRA model guided by its base (AutoLoRA)"
+    )
+    lora_scale: float = setting(1.0, "alpha, the factor on every LoRA adapter's contribution (0: the base model)")
+    autolora_gamma: float = setting(1.5, "AutoLoRA's gamma: 0 the base model, 1 the LoRA model, > 1 beyond it")
+    base_guidance_scale: float = setting(
+        -1.0, "AutoLoRA's w1, the classifier-free guidance of the base model; -1 means guidance_scale (w2)"
+    )
     count: int = setting(100, "number of samples")
     class_label: int = setting(-1, "draw every sample from this class; -1 cycles through the classes")
     seed: int = setting(0, "sample i uses seed + i, so results do not depend on batch size")
@@ -319,6 +327,14 @@ class SampleConfig:
         check(self.steps >= 1, "sample", "steps", "must be >= 1", self.steps)
         check(0 <= self.eta <= 1, "sample", "eta", "must be in [0, 1]", self.eta)
         check(self.guidance_scale >= 0, "sample", "guidance_scale", "must be >= 0", self.guidance_scale)
+        check(self.lora_scale >= 0, "sample", "lora_scale", "must be >= 0", self.lora_scale)
+        check(
+            self.base_guidance_scale >= 0 or self.base_guidance_scale == -1.0,
+            "sample",
+            "base_guidance_scale",
+            "must be >= 0, or -1 for guidance_scale",
+            self.base_guidance_scale,
+        )
         check(self.count >= 1, "sample", "count", "must be >= 1", self.count)
         check(self.class_label >= -1, "sample", "class_label", "must be -1 or a class index", self.class_label)
         check(self.batch_size >= 1, "sample", "batch_size", "must be >= 1", self.batch_size)

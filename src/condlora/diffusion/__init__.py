@@ -3,7 +3,15 @@
 Networks never see a schedule."""
 
 from condlora.diffusion.edm import EDM, EDMPrecond, heun_sample, karras_sigmas, precondition
-from condlora.diffusion.guidance import Guidance, classifier_free, guided, null_condition
+from condlora.diffusion.guidance import (
+    Guidance,
+    autolora,
+    classifier_free,
+    guided,
+    mix,
+    null_condition,
+    with_lora_scale,
+)
 from condlora.diffusion.process import DDPM, Process, UniformTimestepSampler, process_for
 from condlora.diffusion.samplers import PerSampleNoise, ddim_sample, ddpm_sample, respaced_timesteps
 from condlora.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, schedule_for
@@ -17,6 +25,7 @@ __all__ = [
     "NoiseSchedule",
     "PerSampleNoise",
     "UniformTimestepSampler",
+    "autolora",
     "classifier_free",
     "cosine_betas",
     "ddim_sample",
@@ -25,9 +34,11 @@ __all__ = [
     "heun_sample",
     "karras_sigmas",
     "linear_betas",
+    "mix",
     "null_condition",
     "precondition",
     "process_for",
     "respaced_timesteps",
     "schedule_for",
+    "with_lora_scale",
 ]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import SampleConfig
-from condlora.diffusion.guidance import classifier_free, guided
+from condlora.diffusion.guidance import Guidance, autolora, classifier_free, guided, with_lora_scale
 from condlora.diffusion.process import Network, Process
 from condlora.diffusion.samplers import PerSampleNoise
 
@@ -35,6 +36,24 @@ def batch_conditions(labels: torch.Tensor, num_classes: int, device: torch.devic
     return Conditions(labels=labels.to(device), shared=shared)
 
 
+def sample_guidance(cfg: SampleConfig, cond: Conditions, batch_size: int, device: torch.device | str) -> Guidance:
+    """The guidance `cfg` asks for on one batch: classifier-free guidance of the network with its adapters at
+    `cfg.lora_scale`, or AutoLoRA (the LoRA model guided by the base, see `autolora`)."""
+    if cfg.guidance == "autolora":
+        w1 = None if cfg.base_guidance_scale < 0 else cfg.base_guidance_scale
+        return autolora(cond, cfg.autolora_gamma, cfg.lora_scale, cfg.guidance_scale, w1, batch_size, device)
+    return classifier_free(with_lora_scale(cond, cfg.lora_scale, batch_size, device), cfg.guidance_scale)
+
+
+def check_adapters(net: nn.Module, cfg: SampleConfig) -> None:
+    """The boundary check of a LoRA scale or AutoLoRA: they need a network with LoRA adapters."""
+    from condlora.lora import conditioned_layers
+
+    wants = "guidance autolora" if cfg.guidance == "autolora" else f"lora_scale {cfg.lora_scale}"
+    if (cfg.guidance == "autolora" or cfg.lora_scale != 1.0) and next(conditioned_layers(net), None) is None:
+        raise ValueError(f"sample: {wants} needs a network with LoRA adapters, and this one has none")
+
+
 @torch.no_grad()
 def generate(
     net: Network,
@@ -51,7 +70,8 @@ def generate(
     Args:
         net: `net(x, noise_level, cond)`, in eval mode.
         process: the diffusion process it was trained with.
-        cfg: sampler, steps, eta, guidance scale, count, class, seed and batch size.
+        cfg: sampler, steps, eta, guidance (classifier-free or AutoLoRA, LoRA scale), count, class, seed and
+            batch size.
         image_shape: (C, H, W).
         num_classes: classes of the model (0 when unconditional).
         device: where the network runs.
@@ -62,6 +82,7 @@ def generate(
         images (count, C, H, W) in [-1, 1] on the CPU and labels (count,) int64 (NULL_LABEL if unconditional).
     """
     labels = sample_labels(cfg, num_classes)
+    check_adapters(net, cfg)
     calls = [0]
 
     def predict(x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
@@ -75,7 +96,7 @@ def generate(
         batch_labels = labels[start : start + cfg.batch_size]
         noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
         cond = batch_conditions(batch_labels, num_classes, device)
-        denoise = guided(predict, classifier_free(cond, cfg.guidance_scale))
+        denoise = guided(predict, sample_guidance(cfg, cond, len(batch_labels), device))
         x = process.sample(denoise, noise, image_shape, cfg)
         chunks.append(x.clamp(-1, 1).cpu())
     if stats is not None:

@@ -1,9 +1,13 @@
-"""Guidance as one batched combination of predictions (classifier-free guidance, Ho & Salimans 2022).
+"""Guidance as one batched combination of predictions: classifier-free guidance (Ho & Salimans 2022) and
+AutoLoRA (Kasymov et al. 2025).
 
 A `Guidance` lists branches (the conditions of each prediction) and weights; `guided` evaluates every
 branch in one batched call of the prediction function and returns sum_k weight_k * D(x, t | branch_k).
-Classifier-free guidance is two branches, (cond, null) with weights (w, 1 - w); AutoLoRA's four
-branches (base and LoRA, each with and without the class) are the same call with other weights.
+Classifier-free guidance is two branches, (cond, null) with weights (w, 1 - w). AutoLoRA is four: the
+base model and the LoRA model, each with and without the class. Both models are one network: a branch's
+per-sample `Conditions.lora_scale` (0 for the base, alpha for the LoRA) sets how much of the adapters it
+sees, so all four predictions come from one forward pass and no second copy of the network exists.
+Every guidance's weights sum to 1, so combining eps, x0 or EDM's denoised output is the same.
 """
 
 from __future__ import annotations
@@ -53,6 +57,67 @@ def classifier_free(cond: Conditions, guidance_scale: float) -> Guidance:
     if guidance_scale == 1.0 or (cond.labels is None and cond.class_vector is None):
         return Guidance((cond,), (1.0,))
     return Guidance((cond, null_condition(cond)), (guidance_scale, 1.0 - guidance_scale))
+
+
+def mix(*parts: tuple[float, Guidance]) -> Guidance:
+    """sum_j c_j * guidance_j as one guidance: the branches of all parts, each weight times its part's c_j.
+    Branches whose weight is exactly 0 are dropped (they cost a network evaluation and add nothing)."""
+    kept = [(c * w, b) for c, g in parts for w, b in zip(g.weights, g.branches, strict=True) if c * w != 0.0]
+    if not kept:
+        raise ValueError("guidance: every branch has weight 0")
+    return Guidance(tuple(b for _, b in kept), tuple(w for w, _ in kept))
+
+
+def with_lora_scale(
+    cond: Conditions, lora_scale: float, batch_size: int | None = None, device: torch.device | str | None = None
+) -> Conditions:
+    """`cond` with every sample's LoRA scale set to `lora_scale` (no tensor for 1: the adapters as trained,
+    which keeps the merged and routed fast paths of shared-condition calls). `batch_size` and `device` are
+    needed only when `cond` has no per-sample field (an unconditional model)."""
+    if lora_scale == 1.0:
+        return cond.replace(lora_scale=None)
+    like = cond.labels if cond.labels is not None else next(iter(cond.tensors().values()), None)
+    size = cond.batch_size() if like is not None else batch_size
+    if size is None:
+        raise ValueError("a LoRA scale needs the batch size when the conditions carry no per-sample field")
+    scale = torch.full((size,), float(lora_scale), device=like.device if like is not None else device)
+    return cond.replace(lora_scale=scale)
+
+
+def autolora(
+    cond: Conditions,
+    gamma: float,
+    lora_scale: float = 1.0,
+    guidance_scale: float = 1.0,
+    base_guidance_scale: float | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> Guidance:
+    """AutoLoRA guidance (Kasymov et al. 2025, eq. 7): the LoRA model guided by its own base model,
+
+        eps = eps_base^{w1}(x, y) + gamma * (eps_LoRA^{w2}(x, y) - eps_base^{w1}(x, y)),
+
+    where eps^w is the classifier-free-guided prediction with scale w (`classifier_free`), eps_base the
+    network with its adapters off (LoRA scale 0) and eps_LoRA the network with its adapters at scale
+    alpha (`lora_scale`). gamma = 0 is classifier-free guidance of the base, gamma = 1 with w1 = w2 that of
+    the LoRA model, and w1 = w2 = 1 the paper's variant without CFG (eq. 6).
+
+    Args:
+        cond: the conditions of the B samples (labels, or none for an unconditional model).
+        gamma: the AutoLoRA scale; > 1 pushes past the LoRA model, away from the base.
+        lora_scale: alpha, the factor on every adapter's contribution in the LoRA branches.
+        guidance_scale: w2, the classifier-free guidance of the LoRA model.
+        base_guidance_scale: w1, that of the base model; None means w2.
+        batch_size, device: B and where the scales live, when `cond` has no per-sample field.
+    Returns:
+        Up to four branches (base and LoRA, conditional and null); those of weight 0 are left out.
+    """
+    w1 = guidance_scale if base_guidance_scale is None else base_guidance_scale
+    base = classifier_free(cond.replace(lora_scale=None), w1)
+    lora = classifier_free(cond.replace(lora_scale=None), guidance_scale)
+    base = Guidance(tuple(with_lora_scale(b, 0.0, batch_size, device) for b in base.branches), base.weights)
+    lora = Guidance(tuple(with_lora_scale(b, lora_scale, batch_size, device) for b in lora.branches), lora.weights)
+    return mix((1.0 - gamma, base), (gamma, lora))
 
 
 def guided(predict: Predict, guidance: Guidance) -> Denoiser:
