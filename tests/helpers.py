@@ -61,3 +61,35 @@ def tiny_unet(kind: str):
         **common, cross_attention_dim=12, attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )  # fmt: skip
+
+
+def tiny_sd_pipeline(tmp_path: Path):
+    """A tiny random Stable Diffusion pipeline (8x8 latents, a 1-layer CLIP text encoder, a character-level
+    tokenizer written to `tmp_path`), built offline."""
+    import json
+
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    files = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    tokenizer = transformers.CLIPTokenizer(*files, model_max_length=8)
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                                       pad_token_id=1)  # fmt: skip
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=12, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), sample_size=8)  # fmt: skip
+    scheduler = diffusers.DDIMScheduler(clip_sample=False, steps_offset=1)
+    parts = {"vae": vae, "text_encoder": transformers.CLIPTextModel(text), "tokenizer": tokenizer, "unet": unet}
+    return diffusers.StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)  # fmt: skip

@@ -48,15 +48,21 @@ def null_condition(cond: Conditions) -> Conditions:
     return cond.replace(labels=null, class_vector=None)
 
 
-def classifier_free(cond: Conditions, guidance_scale: float) -> Guidance:
+def classifier_free(cond: Conditions, guidance_scale: float, null: Conditions | None = None) -> Guidance:
     """Classifier-free guidance eps^w = w * eps(x, t | y) + (1 - w) * eps(x, t | null)  (Ho & Salimans eq. 6).
 
     w = 1 is the plain conditional model (one branch), w = 0 the unconditional one, w > 1 strengthens the
-    class. An unconditional `cond` (no labels, no class vector) is one branch whatever the scale.
+    class. `null` is the unconditional branch: by default `null_condition(cond)` (the null label), and an
+    unconditional `cond` (no labels, no class vector, no `null`) is one branch whatever the scale; a text
+    model passes its negative prompt's embedding.
     """
-    if guidance_scale == 1.0 or (cond.labels is None and cond.class_vector is None):
+    if guidance_scale == 1.0:
         return Guidance((cond,), (1.0,))
-    return Guidance((cond, null_condition(cond)), (guidance_scale, 1.0 - guidance_scale))
+    if null is None:
+        if cond.labels is None and cond.class_vector is None:
+            return Guidance((cond,), (1.0,))
+        null = null_condition(cond)
+    return Guidance((cond, null), (guidance_scale, 1.0 - guidance_scale))
 
 
 def mix(*parts: tuple[float, Guidance]) -> Guidance:
