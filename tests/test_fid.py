@@ -117,7 +117,41 @@ def test_real_digits_score_as_real_in_the_classifier_feature_space(monkeypatch, 
     _, hold = split_indices(len(source.labels), 0.1, seed=0)
     real = save_samples_npz(source.images[hold], source.labels[hold], tmp_path / "real.npz")
     ones = save_samples_npz(source.images[source.labels == 1][:500], np.ones(500, np.int64), tmp_path / "ones.npz")
-    good, bad = digit_feature_metrics(real, tmp_path), digit_feature_metrics(ones, tmp_path)
+    good = digit_feature_metrics(real, tmp_path, accuracy=True, dino=_tiny_dino(tmp_path / "dino"))
+    bad = digit_feature_metrics(ones, tmp_path, accuracy=True)
     assert good["fid_in_domain"] < bad["fid_in_domain"] / 10  # unseen real digits vs a single class
+    assert good["accuracy"] > 0.8 and 0 < good["diversity_dino"] <= 1
+    assert good["div_x"] == pytest.approx(good["diversity_dino"] * good["accuracy"])  # the paper's product
+    assert bad["div_x"] == pytest.approx(bad["diversity"] * bad["accuracy"])  # in-domain features without DINOv2
     assert good["precision"] > 0.8 and good["recall"] > 0.8
     assert bad["recall"] < good["recall"] - 0.25  # one class of digits misses much of the data
+
+
+def _tiny_dino(folder):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, image_size=28, patch_size=7)  # fmt: skip
+    transformers.Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+def test_dino_features_from_a_local_folder(tmp_path):
+    from condlora.eval.dino import DinoFeatures
+    from condlora.eval.fid import diversity, extract
+
+    features = DinoFeatures(_tiny_dino(tmp_path / "dino"))
+    grey = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+    assert torch.allclose(extract(grey, features), extract(grey.repeat(3, axis=3), features), atol=1e-6)
+    same = np.repeat(grey[:1], 4, axis=0)
+    assert diversity(extract(same, features), np.zeros(4)) == pytest.approx(0.0, abs=1e-6)  # one image, 4 times
+    assert diversity(extract(grey, features), np.zeros(6)) > 1e-3
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        DinoFeatures(tmp_path)
+
+
+def test_eval_dino_without_fid_is_refused(tmp_path):
+    from condlora.cli import main
+
+    with pytest.raises(ValueError, match="--dino needs --fid"):
+        main(["eval", str(tmp_path / "samples.npz"), "--dino", str(tmp_path)])

@@ -197,6 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from condlora.data import read_npz
     from condlora.pipeline import digit_class_accuracy, digit_feature_metrics
 
+    if args.dino and not args.fid:
+        raise ValueError("eval --dino needs --fid (the DINOv2 diversity is one of the feature metrics)")
     results: dict = {"samples": str(args.samples)}
     archive = read_npz(Path(args.samples)) if Path(args.samples).is_file() else {}
     for name in ("network_calls_per_sample", "sampling_seconds"):
@@ -208,10 +210,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.fid:
         from condlora.eval.fid import IN_DOMAIN_FID_NAME
 
-        results.update(digit_feature_metrics(args.samples, args.cache_dir))
+        results.update(digit_feature_metrics(args.samples, args.cache_dir, accuracy=True, dino=args.dino))
         print(f"{IN_DOMAIN_FID_NAME}: {results['fid_in_domain']:.4f}")
         print(f"precision {results['precision']:.3f}  recall {results['recall']:.3f}  "
               f"diversity {results['diversity']:.4f}  ({results['count']} samples)")  # fmt: skip
+        if "diversity_dino" in results:
+            print(f"diversity (DINOv2 features) {results['diversity_dino']:.4f}")
+        print(f"Div-X (diversity x class adherence, AutoLoRA paper) {results['div_x']:.4f}")
     if args.inception_weights:
         from condlora.data import load_mnist5k, split_indices
         from condlora.eval.inception import INCEPTION_FID_NAME, inception_fid
@@ -227,7 +232,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"class accuracy (reference MNIST classifier): {overall:.1%}")
     print("  " + "  ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
     columns = [
-        k for k in ("fid_inception", "fid_in_domain", "precision", "recall", "diversity", "accuracy") if k in results
+        k
+        for k in (
+            "fid_inception",
+            "fid_in_domain",
+            "precision",
+            "recall",
+            "diversity",
+            "diversity_dino",
+            "accuracy",
+            "div_x",
+        )
+        if k in results
     ]
     print("| samples | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     print(f"| {args.samples} | " + " | ".join(f"{results[k]:.4f}" for k in columns) + " |")
@@ -393,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--inception-weights",
         metavar="PTH",
         help="also the standard FID (Inception-v3 pool3) from this local pt_inception-2015-12-05-6726825d.pth",
+    )
+    p.add_argument(
+        "--dino", metavar="DIR", help="with --fid: also the diversity of DINOv2 features from this local model folder"
     )
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(func=cmd_eval)

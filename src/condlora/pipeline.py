@@ -67,7 +67,7 @@ def with_sample_overrides(cfg: RunConfig, **overrides) -> SampleConfig:
 
 
 def digit_feature_metrics(
-    samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+    samples_npz: str | Path, cache_dir: str | Path | None = None, progress: bool = True, **options
 ) -> dict[str, float]:
     """In-domain FID, precision, recall (k = 3) and diversity of the 28x28 digit samples of an `.npz` (see
     `digit_metrics`)."""
@@ -75,7 +75,7 @@ def digit_feature_metrics(
     images = data["images"]
     if images.shape[1:] != (28, 28, 1):
         raise ValueError(f"{samples_npz}: the digit metrics need 28x28 grayscale images, got {images.shape}")
-    return digit_metrics(images, data.get("labels"), cache_dir, progress)
+    return digit_metrics(images, data.get("labels"), cache_dir, progress, **options)
 
 
 def digit_metrics(
@@ -84,11 +84,14 @@ def digit_metrics(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     accuracy: bool = False,
+    dino: str | Path | None = None,
 ) -> dict[str, float]:
     """In-domain FID, precision, recall (k = 3) and diversity of uint8 28x28 digits (N, 28, 28, 1) against
     the training split of MNIST-5k, in the reference classifier's feature space (see `condlora.eval.fid`;
     the FID is not comparable with published FID); with `accuracy`, also the share of samples the
-    classifier labels as their class `labels`."""
+    classifier labels as their class `labels` (class adherence) and the AutoLoRA paper's product of
+    diversity and adherence, `div_x`; with `dino` (a local DINOv2 model folder), also the diversity of
+    DINOv2 features, `diversity_dino`, which `div_x` then uses, as the paper does."""
     from condlora.data import load_mnist5k, split_indices
     from condlora.eval.classifier import cached_digit_classifier, class_accuracy
     from condlora.eval.fid import (
@@ -117,8 +120,13 @@ def digit_metrics(
         "diversity": diversity(fake, labels),
         "count": len(images),
     }
+    if dino is not None:
+        from condlora.eval.dino import DinoFeatures
+
+        out["diversity_dino"] = diversity(extract(images, DinoFeatures(dino), name="samples"), labels)
     if accuracy:
         out["accuracy"] = class_accuracy(classifier, images, labels)
+        out["div_x"] = out.get("diversity_dino", out["diversity"]) * out["accuracy"]
     return out
 
 
