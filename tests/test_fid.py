@@ -150,8 +150,9 @@ def test_dino_features_from_a_local_folder(tmp_path):
         DinoFeatures(tmp_path)
 
 
-def test_eval_dino_without_fid_is_refused(tmp_path):
+def test_eval_dino_without_fid_is_refused(tmp_path, capsys):
     from condlora.cli import main
 
-    with pytest.raises(ValueError, match="--dino needs --fid"):
+    with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "samples.npz"), "--dino", str(tmp_path)])
+    assert "eval --dino needs --fid" in capsys.readouterr().err
