@@ -153,6 +153,5 @@ def test_dino_features_from_a_local_folder(tmp_path):
 def test_eval_dino_without_fid_is_refused(tmp_path, capsys):
     from condlora.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["eval", str(tmp_path / "samples.npz"), "--dino", str(tmp_path)])
+    assert main(["eval", str(tmp_path / "samples.npz"), "--dino", str(tmp_path)]) == 2
     assert "eval --dino needs --fid" in capsys.readouterr().err
