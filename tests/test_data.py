@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from condlora.config import ConfigError
 from condlora.data import (
     DataError,
     ImageDataset,
@@ -26,6 +27,7 @@ from condlora.data import (
     split_indices,
     unscale,
 )
+from condlora.presets import build_config
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -235,3 +237,37 @@ def test_dataloader_with_workers() -> None:
     assert x.shape == (24, 3, 4, 4) and y.dtype == torch.int64
     assert torch.equal(y, torch.arange(24) % 3)
     assert torch.equal(x, torch.stack([ds[i][0] for i in range(24)]))
+
+
+def test_thicken_is_a_grey_dilation_by_a_square():
+    from condlora.data import thicken
+
+    image = np.zeros((1, 7, 7, 1), np.uint8)
+    image[0, 3, 3, 0], image[0, 0, 6, 0] = 200, 90  # a centre dot and a corner dot
+    out = thicken(image)[0, :, :, 0]
+    expected = np.zeros((7, 7), np.uint8)
+    expected[0:2, 5:7] = 90  # the corner's 3x3 neighbourhood, clipped by the border
+    expected[2:5, 2:5] = 200
+    assert np.array_equal(out, expected)
+    assert np.array_equal(thicken(image, radius=0), image)
+
+
+def test_bold_mnist_has_the_same_digits_with_more_ink():
+    from condlora.data import load_mnist5k, load_source
+
+    plain, bold = load_mnist5k(), load_source("mnist5k-bold")
+    assert np.array_equal(plain.labels, bold.labels) and bold.name == "mnist5k-bold"
+    assert (bold.images >= plain.images).all()  # dilation only adds ink
+    ink = (bold.images > 127).sum() / (plain.images > 127).sum()
+    assert 1.5 < ink < 3.5  # a 3x3 dilation of ~2-pixel strokes roughly doubles the ink
+
+
+def test_max_per_class_keeps_a_few_shot_training_set():
+    full, hold, _ = build_datasets("mnist5k", 0.1, 0)
+    few, few_hold, _ = build_datasets("mnist5k", 0.1, 0, max_per_class=10)
+    assert np.bincount(few.labels.numpy(), minlength=10).tolist() == [10] * 10
+    assert len(few_hold) == len(hold)  # the hold-out set is unchanged
+    again, _, _ = build_datasets("mnist5k", 0.1, 0, max_per_class=10)
+    assert torch.equal(again.images, few.images)  # the same ten per class every time
+    with pytest.raises(ConfigError, match="max_per_class"):
+        build_config("mnist-nano", {"data": {"max_per_class": -1}})

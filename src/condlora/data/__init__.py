@@ -15,10 +15,12 @@ from condlora.data.sources import (
     load_cifar10,
     load_image_folder,
     load_mnist5k,
+    load_mnist5k_bold,
     load_npz,
     load_sklearn_digits,
     load_source,
     read_npz,
+    thicken,
 )
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "load_cifar10",
     "load_image_folder",
     "load_mnist5k",
+    "load_mnist5k_bold",
     "load_npz",
     "load_sklearn_digits",
     "load_source",
@@ -37,5 +40,6 @@ __all__ = [
     "resize_images",
     "scale",
     "split_indices",
+    "thicken",
     "unscale",
 ]

@@ -144,6 +144,7 @@ def build_datasets(
     holdout_fraction: float = 0.1,
     split_seed: int = 0,
     image_size: int | None = None,
+    max_per_class: int = 0,
 ) -> tuple[ImageDataset, ImageDataset, ImageSource]:
     """Load a dataset, optionally resize it, and split it into train and hold-out sets.
 
@@ -155,6 +156,8 @@ def build_datasets(
         holdout_fraction: share of samples held out, in [0, 1).
         split_seed: seed of the deterministic split.
         image_size: optional square output size in pixels.
+        max_per_class: if > 0, train on only the first `max_per_class` training images of each class (a
+            few-shot set; which ones depends only on the split); the hold-out set is unchanged.
     Returns:
         (train set, hold-out set, source).
     """
@@ -165,6 +168,12 @@ def build_datasets(
         if source.image_size != (image_size, image_size):
             source = dataclasses.replace(source, images=resize_images(source.images, image_size))
     train_idx, hold_idx = split_indices(len(source.labels), holdout_fraction, split_seed)
+    if max_per_class > 0:
+        labels = source.labels[train_idx]
+        keep = np.zeros(len(train_idx), dtype=bool)
+        for c in np.unique(labels):
+            keep[np.flatnonzero(labels == c)[:max_per_class]] = True
+        train_idx = train_idx[keep]
     k = source.num_classes
     train = ImageDataset(source.images[train_idx], source.labels[train_idx], k)
     hold = ImageDataset(source.images[hold_idx], source.labels[hold_idx], k)

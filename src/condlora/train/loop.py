@@ -414,9 +414,8 @@ def train(
         _on_main(dist, lambda: check_fresh_run_dir(out_dir, overwrite))
     if cfg.train.deterministic:
         _use_deterministic_algorithms()
-    train_set, _, _ = build_datasets(
-        cfg.data.dataset, cfg.data.holdout_fraction, cfg.data.split_seed, cfg.data.image_size or None
-    )
+    d = cfg.data
+    train_set, _, _ = build_datasets(d.dataset, d.holdout_fraction, d.split_seed, d.image_size or None, d.max_per_class)
     _check_data(cfg, train_set)
     process = process_for(cfg)
     net = _build_network(cfg, dist)
