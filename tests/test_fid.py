@@ -123,6 +123,10 @@ def test_real_digits_score_as_real_in_the_classifier_feature_space(monkeypatch, 
     assert good["accuracy"] > 0.8 and 0 < good["diversity_dino"] <= 1
     assert good["div_x"] == pytest.approx(good["diversity_dino"] * good["accuracy"])  # the paper's product
     assert bad["div_x"] == pytest.approx(bad["diversity"] * bad["accuracy"])  # in-domain features without DINOv2
+    other_domain = digit_feature_metrics(real, tmp_path, reference="mnist5k-bold")  # plain digits vs bold ones
+    assert other_domain["fid_in_domain"] > 2 * good["fid_in_domain"]
+    with pytest.raises(ValueError, match="28x28 grey reference set, digits has"):
+        digit_feature_metrics(real, tmp_path, reference="digits")
     assert good["precision"] > 0.8 and good["recall"] > 0.8
     assert bad["recall"] < good["recall"] - 0.25  # one class of digits misses much of the data
 

@@ -210,7 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.fid:
         from condlora.eval.fid import IN_DOMAIN_FID_NAME
 
-        results.update(digit_feature_metrics(args.samples, args.cache_dir, accuracy=True, dino=args.dino))
+        results.update(
+            digit_feature_metrics(args.samples, args.cache_dir, accuracy=True, dino=args.dino, reference=args.reference)
+        )
         print(f"{IN_DOMAIN_FID_NAME}: {results['fid_in_domain']:.4f}")
         print(f"precision {results['precision']:.3f}  recall {results['recall']:.3f}  "
               f"diversity {results['diversity']:.4f}  ({results['count']} samples)")  # fmt: skip
@@ -218,10 +220,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"diversity (DINOv2 features) {results['diversity_dino']:.4f}")
         print(f"Div-X (diversity x class adherence, AutoLoRA paper) {results['div_x']:.4f}")
     if args.inception_weights:
-        from condlora.data import load_mnist5k, split_indices
+        from condlora.data import load_source, split_indices
         from condlora.eval.inception import INCEPTION_FID_NAME, inception_fid
 
-        source = load_mnist5k()
+        source = load_source(args.reference)
         train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)
         results["fid_inception"] = inception_fid(
             archive["images"], source.images[train_idx], args.inception_weights, args.cache_dir
@@ -409,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inception-weights",
         metavar="PTH",
         help="also the standard FID (Inception-v3 pool3) from this local pt_inception-2015-12-05-6726825d.pth",
+    )
+    p.add_argument(
+        "--reference",
+        default="mnist5k",
+        help="the dataset whose training split the FIDs compare against, e.g. mnist5k-bold [mnist5k]",
     )
     p.add_argument(
         "--dino", metavar="DIR", help="with --fid: also the diversity of DINOv2 features from this local model folder"

@@ -85,14 +85,17 @@ def digit_metrics(
     progress: bool = True,
     accuracy: bool = False,
     dino: str | Path | None = None,
+    reference: str = "mnist5k",
 ) -> dict[str, float]:
     """In-domain FID, precision, recall (k = 3) and diversity of uint8 28x28 digits (N, 28, 28, 1) against
     the training split of MNIST-5k, in the reference classifier's feature space (see `condlora.eval.fid`;
     the FID is not comparable with published FID); with `accuracy`, also the share of samples the
     classifier labels as their class `labels` (class adherence) and the AutoLoRA paper's product of
     diversity and adherence, `div_x`; with `dino` (a local DINOv2 model folder), also the diversity of
-    DINOv2 features, `diversity_dino`, which `div_x` then uses, as the paper does."""
-    from condlora.data import load_mnist5k, split_indices
+    DINOv2 features, `diversity_dino`, which `div_x` then uses, as the paper does. `reference` names the
+    dataset whose training split FID, precision and recall compare against (e.g. "mnist5k-bold" for a model
+    fine-tuned to that domain); it must hold 28x28 grey digits."""
+    from condlora.data import load_source, split_indices
     from condlora.eval.classifier import cached_digit_classifier, class_accuracy
     from condlora.eval.fid import (
         DigitFeatures,
@@ -106,7 +109,9 @@ def digit_metrics(
     if images.shape[1:] != (28, 28, 1):
         raise ValueError(f"the digit metrics need 28x28 grayscale images, got {images.shape}")
     labels = np.zeros(len(images), dtype=np.int64) if labels is None else labels
-    source = load_mnist5k()
+    source = load_source(reference)
+    if source.images.shape[1:] != (28, 28, 1):
+        raise ValueError(f"the digit metrics need a 28x28 grey reference set, {reference} has {source.images.shape}")
     train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)  # the split condlora's runs train on
     classifier = cached_digit_classifier(cache_dir, progress)
     features = DigitFeatures(classifier)
