@@ -190,9 +190,11 @@ def test_cli_samples_with_autolora(tiny_config, tmp_path, capsys):
     from condlora.train import train
 
     train(tiny_config(lora={"plain": True}, train={"steps": 4}), tmp_path / "run")
+    out = str(tmp_path / "auto-gamma1.5")
     main(["sample", str(tmp_path / "run"), "--guidance", "autolora", "--gamma", "1.5", "--lora-scale", "0.8",
-          "--base-guidance-scale", "3", "--count", "4", "--steps", "3", "--out", str(tmp_path / "auto")])  # fmt: skip
-    assert np.load(tmp_path / "auto.npz")["images"].shape == (4, 8, 8, 1)
+          "--base-guidance-scale", "3", "--count", "4", "--steps", "3", "--out", out])  # fmt: skip
+    assert np.load(tmp_path / "auto-gamma1.5.npz")["images"].shape == (4, 8, 8, 1)  # the dot stays in the name
+    assert (tmp_path / "auto-gamma1.5.png").is_file()
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "run"), "--guidance", "guess"])
     assert "invalid choice: 'guess'" in capsys.readouterr().err

@@ -52,9 +52,9 @@ def sample_to_files(
     )
     u8 = unscale(images)
     nrow = m.num_classes if (m.num_classes and sample.class_label < 0 and sample.count >= m.num_classes) else None
-    png = save_grid(u8, out_prefix.with_suffix(".png"), nrow=nrow)
+    png = save_grid(u8, out_prefix.with_name(f"{out_prefix.name}.png"), nrow=nrow)  # a dot in the prefix stays
     cost = {"network_calls_per_sample": stats["network_calls"] / stats["batches"], "sampling_seconds": stats["seconds"]}
-    npz = save_samples_npz(u8, labels.numpy(), out_prefix.with_suffix(".npz"), **cost)
+    npz = save_samples_npz(u8, labels.numpy(), out_prefix.with_name(f"{out_prefix.name}.npz"), **cost)
     return png, npz
 
 
