@@ -181,6 +181,11 @@ def test_a_network_without_adapters_is_refused():
         _draw(net, cfg, _sample_cfg(cfg, guidance="autolora"))
     with pytest.raises(ValueError, match="lora_scale 0.5 needs a network with LoRA adapters"):
         _draw(net, cfg, _sample_cfg(cfg, lora_scale=0.5))
+    from condlora.pipeline import sample_class_vectors
+
+    cfg.sample = _sample_cfg(cfg, guidance="autolora")
+    with pytest.raises(ValueError, match="guidance autolora needs a network with LoRA adapters"):
+        sample_class_vectors(net, cfg, torch.eye(10)[:2], [0, 1])  # class grids check it too
 
 
 def test_cli_samples_with_autolora(tiny_config, tmp_path, capsys):

@@ -220,13 +220,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"diversity (DINOv2 features) {results['diversity_dino']:.4f}")
         print(f"Div-X (diversity x class adherence, AutoLoRA paper) {results['div_x']:.4f}")
     if args.inception_weights:
-        from condlora.data import load_source, split_indices
         from condlora.eval.inception import INCEPTION_FID_NAME, inception_fid
+        from condlora.pipeline import reference_digits
 
-        source = load_source(args.reference)
-        train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)
         results["fid_inception"] = inception_fid(
-            archive["images"], source.images[train_idx], args.inception_weights, args.cache_dir
+            archive["images"], reference_digits(args.reference), args.inception_weights, args.cache_dir
         )
         print(f"{INCEPTION_FID_NAME}: {results['fid_inception']:.4f}")
     overall, per_class = digit_class_accuracy(args.samples, args.cache_dir)

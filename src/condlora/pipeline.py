@@ -78,6 +78,18 @@ def digit_feature_metrics(
     return digit_metrics(images, data.get("labels"), cache_dir, progress, **options)
 
 
+def reference_digits(reference: str = "mnist5k") -> np.ndarray:
+    """The training split (the one condlora's runs train on) of the dataset `reference`, which must hold
+    28x28 grey digits: the reference set of the sample-quality metrics."""
+    from condlora.data import load_source, split_indices
+
+    source = load_source(reference)
+    if source.images.shape[1:] != (28, 28, 1):
+        raise ValueError(f"the digit metrics need a 28x28 grey reference set, {reference} has {source.images.shape}")
+    train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)
+    return source.images[train_idx]
+
+
 def digit_metrics(
     images: np.ndarray,
     labels: np.ndarray | None = None,
@@ -95,7 +107,6 @@ def digit_metrics(
     DINOv2 features, `diversity_dino`, which `div_x` then uses, as the paper does. `reference` names the
     dataset whose training split FID, precision and recall compare against (e.g. "mnist5k-bold" for a model
     fine-tuned to that domain); it must hold 28x28 grey digits."""
-    from condlora.data import load_source, split_indices
     from condlora.eval.classifier import cached_digit_classifier, class_accuracy
     from condlora.eval.fid import (
         DigitFeatures,
@@ -109,17 +120,14 @@ def digit_metrics(
     if images.shape[1:] != (28, 28, 1):
         raise ValueError(f"the digit metrics need 28x28 grayscale images, got {images.shape}")
     labels = np.zeros(len(images), dtype=np.int64) if labels is None else labels
-    source = load_source(reference)
-    if source.images.shape[1:] != (28, 28, 1):
-        raise ValueError(f"the digit metrics need a 28x28 grey reference set, {reference} has {source.images.shape}")
-    train_idx, _ = split_indices(len(source.labels), 0.1, seed=0)  # the split condlora's runs train on
+    real_images = reference_digits(reference)
     classifier = cached_digit_classifier(cache_dir, progress)
     features = DigitFeatures(classifier)
-    reference = cached_features(source.images[train_idx], features, cache_dir)
+    real = cached_features(real_images, features, cache_dir)
     fake = extract(images, features, name="samples")
-    precision, recall = precision_recall(fake, reference)
+    precision, recall = precision_recall(fake, real)
     out = {
-        "fid_in_domain": frechet_distance_of_features(fake, reference),
+        "fid_in_domain": frechet_distance_of_features(fake, real),
         "precision": precision,
         "recall": recall,
         "diversity": diversity(fake, labels),
@@ -165,11 +173,12 @@ def sample_class_vectors(
     a label (interpolated, scaled or negated classes) and seed `seeds[i]`, with the run's sampler and
     guidance; the batches hold `cfg.sample.batch_size` images."""
     from condlora.diffusion import PerSampleNoise, guided
-    from condlora.diffusion.generate import sample_guidance
+    from condlora.diffusion.generate import check_adapters, sample_guidance
 
     m, s = cfg.model, cfg.sample
     if vectors.shape != (len(seeds), m.num_classes):
         raise ValueError(f"class vectors must be ({len(seeds)}, {m.num_classes}), got {tuple(vectors.shape)}")
+    check_adapters(net, s)
     process = process_for(cfg)
     predict = functools.partial(process.predict, net)
     images = []

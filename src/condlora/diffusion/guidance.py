@@ -82,11 +82,11 @@ def with_lora_scale(
     needed only when `cond` has no per-sample field (an unconditional model)."""
     if lora_scale == 1.0:
         return cond.replace(lora_scale=None)
-    like = cond.labels if cond.labels is not None else next(iter(cond.tensors().values()), None)
-    size = cond.batch_size() if like is not None else batch_size
-    if size is None:
+    like = next(iter(cond.tensors().values()), None)
+    if like is None and batch_size is None:
         raise ValueError("a LoRA scale needs the batch size when the conditions carry no per-sample field")
-    scale = torch.full((size,), float(lora_scale), device=like.device if like is not None else device)
+    size, where = (batch_size, device) if like is None else (like.shape[0], like.device)
+    scale = torch.full((size,), float(lora_scale), device=where)
     return cond.replace(lora_scale=scale)
 
 
