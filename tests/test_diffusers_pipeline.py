@@ -19,22 +19,26 @@ def _pipelines(tmp_path, text_lora=False):
     torch.manual_seed(1)
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False)  # random B
     pipe.unet.add_adapter(config)
-    if text_lora:
-        pipe.text_encoder.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
-                                                      init_lora_weights=False))  # fmt: skip
+    if text_lora:  # through PEFT itself: transformers' own add_adapter demands a PEFT version of its choosing
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False), pipe.text_encoder)  # fmt: skip
     return pipe, AutoLoRAStableDiffusionPipeline(**pipe.components)
+
+
+def _enable(pipe, adapters):
+    """PEFT's own switch on every LoRA layer of the UNet and the text encoder."""
+    for model in (pipe.unet, pipe.text_encoder):
+        for layer in model.modules():
+            if isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer):
+                layer.enable_adapters(adapters)
 
 
 def _plain(pipe, guidance_scale, adapters=True, **kwargs):
     """diffusers' own pipeline: its CFG, with the LoRA on or off."""
-    for model in (pipe.unet, pipe.text_encoder):
-        if hasattr(model, "peft_config"):
-            model.enable_adapters() if adapters else model.disable_adapters()
+    _enable(pipe, adapters)
     run = {k: v for k, v in RUN.items() if k != "progress"} | kwargs
     out = pipe(**run, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0)).images
-    for model in (pipe.unet, pipe.text_encoder):
-        if hasattr(model, "peft_config"):
-            model.enable_adapters()
+    _enable(pipe, True)
     return out
 
 
