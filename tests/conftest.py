@@ -41,3 +41,15 @@ def tiny_config(tmp_path):
         return build_config("digits-nano", overrides)
 
     return make
+
+
+@pytest.fixture
+def small_classifier(monkeypatch, tmp_path):
+    """An untrained digit classifier in place of the reference one (trained once, a minute): the metrics'
+    values do not matter where this is used, only that the runners compute and keep them."""
+    from condlora.eval.classifier import DigitClassifier
+
+    torch.manual_seed(0)
+    net = DigitClassifier().eval()
+    monkeypatch.setattr("condlora.eval.classifier.cached_digit_classifier", lambda *a, **k: net)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -191,6 +191,13 @@ def test_finetune_stages_from_the_command_line(tmp_path, capsys):
     assert saved["lora"]["tsm_stage"] == "assemble" and saved["train"]["trainable"] == ["*.strategies.tsm.*"]
     assert main(["finetune", "--resume", str(assemble), "--train.steps", "6"]) == 0
     assert load_latest(assemble / "checkpoints").step == 6
+    assert main(["finetune", str(foster), "--stage", "full", *_cli_tiny(tmp_path / "full")]) == 0
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert saved["train"]["trainable"] == ["all"] and saved["lora"]["tsm_scales"] == [1, 2]  # the source's net
+    before = load_latest(foster / "checkpoints").tensors["ema"]
+    after = load_latest(tmp_path / "full" / "checkpoints").tensors["model"]
+    assert set(before) < set(after)  # base weights train too
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # and so do the experts
     capsys.readouterr()
     assert main(["finetune", str(base), "--stage", "assemble", *_cli_tiny(tmp_path / "x")]) == 2
     assert "is not a fostering run" in capsys.readouterr().err

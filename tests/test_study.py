@@ -110,16 +110,6 @@ def test_compare_verdicts_from_spread():
     assert compare({"mean": 0.1, "std": 0.0, "n": 1}, tight_high, "x").startswith("inconclusive (one seed")
 
 
-@pytest.fixture
-def small_classifier(monkeypatch, tmp_path):
-    """An untrained digit classifier in place of the reference one (trained once, a minute): the metrics'
-    values do not matter here, only that the runner computes and keeps them."""
-    torch.manual_seed(0)
-    net = DigitClassifier().eval()
-    monkeypatch.setattr("condlora.eval.classifier.cached_digit_classifier", lambda *a, **k: net)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 def _study_args(study_dir) -> list[str]:
     args = ["study", str(study_dir), "--modes", "baseline,with_lora", "--seeds", "0", "--eval-every", "4"]
     args += ["--eval-count", "20", "--eval-sampler", "ddim", "--eval-steps", "3", "--extrapolation", "-1"]

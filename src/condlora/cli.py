@@ -1,9 +1,12 @@
-"""`condlora train | finetune | sample | eval | plots | study | info | convert-edm`: parse arguments, call the
-library."""
+"""`condlora train | finetune | sample | eval | plots | study | adapt-study | info | convert-edm`: parse
+arguments, call the library."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
 import pickle
 import sys
 import time
@@ -330,6 +333,57 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def _adapt_spec(args: argparse.Namespace):
+    """The study in args.dir/adapt.json when no option is given, else the one the options describe."""
+    from condlora.study.adapt import SPEC_FILE, AdaptSpec
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptSpec) if getattr(args, f.name) is not None}
+    saved = Path(args.dir) / SPEC_FILE
+    if saved.is_file() and not given:
+        return AdaptSpec.from_dict(json.loads(saved.read_text()))
+    if "source" not in given:
+        raise ConfigError(f"adapt-study: {args.dir} holds no {SPEC_FILE}: give --source (the pretrained run)")
+    return AdaptSpec(**given)
+
+
+def cmd_adapt_study(args: argparse.Namespace) -> None:
+    import shlex
+
+    from condlora.study.adapt import check_source, prepare, run_adapt_study
+    from condlora.study.adapt_report import write_adapt_report
+    from condlora.study.report import COMMAND_FILE
+
+    spec, study_dir = _adapt_spec(args), Path(args.dir)
+    check_source(spec, study_dir)
+    prepare(spec, study_dir)
+    command = study_dir / COMMAND_FILE
+    if not command.is_file():
+        command.write_text("condlora " + shlex.join(sys.argv[1:] if args.argv is None else args.argv) + "\n")
+    if args.report_only:
+        path = write_adapt_report(spec, study_dir)
+    else:
+        path = run_adapt_study(spec, study_dir, args.device, progress=not args.no_progress)
+    print(f"report: {path}")
+
+
+def _add_spec_options(parser: argparse.ArgumentParser, spec_class: type) -> None:
+    """One --option per field of a plain-data spec; tuples take comma-separated values."""
+
+    def values(kind: type, text: str) -> tuple:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+
+    for f in dataclasses.fields(spec_class):
+        default, option = f.default, f"--{f.name.replace('_', '-')}"
+        if default is dataclasses.MISSING:
+            parser.add_argument(option, dest=f.name, metavar="PATH", help=f"{f.name} (required for a new study)")
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            shown = ",".join(map(str, default))
+            parser.add_argument(option, dest=f.name, type=functools.partial(values, kind), help=f"{f.name} [{shown}]")
+        else:
+            parser.add_argument(option, dest=f.name, type=type(default), help=f"{f.name} [{default}]")
+
+
 def cmd_convert_edm(args: argparse.Namespace) -> None:
     from condlora.nets.edm_pickle import convert_edm_pickle
 
@@ -357,10 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune SOURCE (a condlora run or checkpoint, or a local diffusers UNet folder) with its "
         "weights frozen: --stage lora trains plain LoRA adapters (exported for peft / diffusers when SOURCE is a "
         "diffusers UNet), foster trains TimeStep Master experts (lora.tsm_scales, default 1,2,4,8), assemble "
-        "trains only the routers of a fostering run's experts.",
+        "trains only the routers of a fostering run's experts, full trains every weight.",
     )
     p.add_argument("source", nargs="?", help="the pretrained model (for assemble: the fostering run)")
-    p.add_argument("--stage", choices=["lora", "foster", "assemble"], help="what to train")
+    p.add_argument("--stage", choices=["lora", "foster", "assemble", "full"], help="what to train")
     _add_config_options(p)
     p.add_argument(
         "--sequential",
@@ -470,6 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study, argv=None)
+
+    from condlora.study.adapt import AdaptSpec
+
+    p = sub.add_parser(
+        "adapt-study",
+        help="fine-tuning study: LoRA, TimeStep Master and full fine-tuning on a few-shot domain; AutoLoRA sweep",
+        description="Fine-tune SOURCE on a few examples per class of a target domain with vanilla LoRA, TSM "
+        "1-stage, TSM 2-stage and full fine-tuning at one budget (3 seeds), score each against the domain, sweep "
+        "the LoRA under plain and AutoLoRA guidance, and write DIR/report/report.md. Run it again to resume.",
+    )
+    p.add_argument("dir", help="study directory (holds adapt.json, runs/, evals.json and report/)")
+    _add_spec_options(p, AdaptSpec)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished evaluations")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_adapt_study, argv=None)
 
     p = sub.add_parser("info", help="print the architecture of a preset + overrides and its parameter count")
     _add_config_options(p)

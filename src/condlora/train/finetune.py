@@ -8,6 +8,7 @@ parameters train (`train.trainable`):
     lora      plain LoRA adapters (rank, alpha, dropout, targets from the `lora` section)
     foster    TimeStep Master experts, `lora.tsm_scales` (default 1, 2, 4, 8), one expert per sample
     assemble  the routers of a fostered run's experts (the source must be a foster run); experts frozen
+    full      every parameter of the source (full fine-tuning, the reference point of LoRA studies)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from condlora.config import ConfigError, RunConfig
 from condlora.presets import build_config, merge_sections
 
-STAGES = ("lora", "foster", "assemble")
+STAGES = ("lora", "foster", "assemble", "full")
 ROUTERS = ("*.strategies.tsm.*",)
 DEFAULT_TSM_SCALES = (1, 2, 4, 8)
 
@@ -69,7 +70,9 @@ def finetune_config(
     has_lora = bool(lora.get("time", "none") != "none" or lora.get("classes", "none") != "none")
     has_lora = has_lora or bool(lora.get("uc_bases") or lora.get("plain") or lora.get("tsm_scales"))
     fresh_lora = {"time": "none", "classes": "none", "uc_bases": 0, "plain": False, "tsm_scales": ()}
-    if stage == "assemble":
+    if stage == "full":
+        stage_sections = {"train": {"trainable": ("all",)}}
+    elif stage == "assemble":
         if not lora.get("tsm_scales") or lora.get("tsm_stage") != "foster":
             raise ConfigError(
                 f"finetune --stage assemble: {source} is not a fostering run (no TSM experts to assemble)"
