@@ -108,6 +108,11 @@ def test_compare_verdicts_from_spread():
     wide = {"mean": 1.5, "std": 1.0, "n": 3}
     assert compare(wide, tight_high, "lower FID").startswith("inconclusive")
     assert compare({"mean": 0.1, "std": 0.0, "n": 1}, tight_high, "x").startswith("inconclusive (one seed")
+    assert compare(tight_high, tight_low, "higher accuracy", better="higher") == (
+        "holds (higher accuracy: +1.0000, 2 standard errors 0.1633)"  # 2 sqrt(0.1^2 / 3 * 2)
+    )
+    assert compare(tight_low, tight_high, "x", better="higher").startswith("does not hold")
+    assert compare(wide, tight_high, "x", better="higher").startswith("inconclusive")
 
 
 def _study_args(study_dir) -> list[str]:

@@ -47,8 +47,8 @@ def _verdicts(results: dict[str, dict[str, Any]], pairs: list[tuple[str, str, st
     for claim, a, b, metric in pairs:
         if a in results and b in results and metric in results[a]["stats"]:
             sa, sb = results[a]["stats"][metric], results[b]["stats"][metric]
-            lower = metric == "fid_in_domain"
-            verdict = compare(sa, sb, f"{metric} lower") if lower else compare(sb, sa, f"{metric} higher")
+            better = "lower" if metric == "fid_in_domain" else "higher"
+            verdict = compare(sa, sb, f"{metric} {better}", better)
             lines.append(f"- {claim}: **{verdict}**")
     return lines
 
@@ -114,11 +114,10 @@ def write_adapt_report(spec: AdaptSpec, study_dir: str | Path) -> Path:
         ],
     )
     if spec.gammas:
-        lines += ["", *_guidance_section(spec, results)]
-    shown = [(ARM_TITLES[a], f"{a}.png") for a in ("base", *spec.arms) if (out / f"{a}.png").is_file()]
-    if shown:
-        lines += ["", f"## Samples (seed {spec.seeds[0]}, guidance {spec.guidance_scale:g})", ""]
-        lines += ["| " + " | ".join(f"{t}<br>![{t}]({f})" for t, f in shown) + " |", "|" + "---|" * len(shown)]
+        lines += ["", *_guidance_section(spec, results, out)]
+    arms = _grid_row([(ARM_TITLES[a], a) for a in ("base", *spec.arms)], out)
+    if arms:
+        lines += ["", f"## Samples of the arms (seed {spec.seeds[0]}, guidance {spec.guidance_scale:g})", "", *arms]
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -137,7 +136,15 @@ def _sweep(spec: AdaptSpec) -> list[tuple[str, float, float | None, str]]:
     return rows
 
 
-def _guidance_section(spec: AdaptSpec, results: dict[str, dict[str, Any]]) -> list[str]:
+def _grid_row(grids: list[tuple[str, str]], out: Path) -> list[str]:
+    """A one-row Markdown table of the sample grids (title, entry) that exist in `out`."""
+    shown = [(title, entry) for title, entry in grids if (out / f"{entry}.png").is_file()]
+    if not shown:
+        return []
+    return ["| " + " | ".join(f"{t}<br>![{t}]({e}.png)" for t, e in shown) + " |", "|" + "---|" * len(shown)]
+
+
+def _guidance_section(spec: AdaptSpec, results: dict[str, dict[str, Any]], out: Path) -> list[str]:
     lines = [
         "## AutoLoRA guidance of the vanilla LoRA (the AutoLoRA paper's Table 1 at MNIST scale)",
         "",
@@ -157,6 +164,11 @@ def _guidance_section(spec: AdaptSpec, results: dict[str, dict[str, Any]]) -> li
         row = [guidance, model, f"{a:g}", "-" if g is None else f"{g:g}"]
         row += [_fmt(st["fid_in_domain"]), _fmt(st["diversity"]), _fmt(st["accuracy"], pct=True), _fmt(st["div_x"])]
         lines.append("| " + " | ".join(row) + " |")
+    for tag in ("nocfg", "cfg"):
+        title = f"CFG {spec.guidance_scale:g}" if tag == "cfg" else "no CFG"
+        grids = [("base", "base-nocfg" if tag == "nocfg" else "base"), ("LoRA alpha 1", entry_name(1.0, None, tag))]
+        grids += [(f"AutoLoRA alpha 1, gamma {g:g}", entry_name(1.0, g, tag)) for g in spec.gammas]
+        lines += ["", f"Samples, {title} (seed {spec.seeds[0]}):", "", *_grid_row(grids, out)]
     lines += ["", "Verdicts (AutoLoRA against the plain LoRA at the same alpha and guidance):", ""]
     pairs = []
     for tag in ("nocfg", "cfg"):

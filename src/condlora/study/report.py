@@ -74,16 +74,18 @@ def _train_minutes(run_dir: Path) -> float:
     return float(last[header.index("elapsed_s")]) / 60
 
 
-def compare(a: dict[str, float], b: dict[str, float], lower_is: str) -> str:
-    """Verdict on mean(a) < mean(b) from their spread: the difference against two standard errors
-    (sqrt(s_a^2 / n_a + s_b^2 / n_b)); `lower_is` names what a lower value means."""
+def compare(a: dict[str, float], b: dict[str, float], lower_is: str, better: str = "lower") -> str:
+    """Verdict on mean(a) < mean(b) (or > with `better` "higher") from their spread: the difference
+    mean(a) - mean(b) against two standard errors (sqrt(s_a^2 / n_a + s_b^2 / n_b)); `lower_is` names what
+    the claimed direction means."""
     diff = a["mean"] - b["mean"]
+    gain = -diff if better == "lower" else diff  # > 0 where a is better
     se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
     if a["n"] < 2 or b["n"] < 2:
         return f"inconclusive (one seed; difference {diff:+.4f})"
-    if diff < -2 * se:
+    if gain > 2 * se:
         return f"holds ({lower_is}: {diff:+.4f}, 2 standard errors {2 * se:.4f})"
-    if diff > 2 * se:
+    if gain < -2 * se:
         return f"does not hold (the opposite is significant: {diff:+.4f}, 2 standard errors {2 * se:.4f})"
     return f"inconclusive (difference {diff:+.4f} within 2 standard errors {2 * se:.4f})"
 
