@@ -22,6 +22,21 @@ ARM_TITLES = {
 }
 
 
+def _source_line(source: Path) -> list[str]:
+    """What the source run is, from its config.json (nothing when the source is a single checkpoint)."""
+    config = source / "config.json"
+    if not config.is_file():
+        return []
+    c = json.loads(config.read_text())
+    m, t = c["model"], c["train"]
+    return [
+        f"Source: a {m['backbone']} network with {m['conditioning']} conditioning, trained {t['steps']} steps at "
+        f"batch {t['batch_size']} on {c['data']['dataset']} (preset `{c.get('preset', '?')}`; its config.json "
+        "holds every setting).",
+        "",
+    ]
+
+
 def summarize(spec: AdaptSpec, evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per entry: the seeds evaluated and mean / std / n of each metric over them."""
     out = {}
@@ -69,6 +84,7 @@ def write_adapt_report(spec: AdaptSpec, study_dir: str | Path) -> Path:
         "",
         f"Regenerate: `{command}`" if command else "",
         "",
+        *_source_line(Path(spec.source)),
         f"Every arm trains {spec.steps} optimizer steps at batch {spec.batch_size} ({n:,} images drawn from the "
         f"{10 * spec.shots} target images), seeds {', '.join(map(str, spec.seeds))}; LoRA rank {spec.rank}, lr "
         f"{spec.lr:g} (full fine-tuning {spec.full_lr:g}), EMA {spec.ema_decay}. TSM 1-stage fosters "
