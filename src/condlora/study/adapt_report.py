@@ -185,13 +185,23 @@ def _guidance_section(spec: AdaptSpec, results: dict[str, dict[str, Any]], out: 
         grids = [("base", "base-nocfg" if tag == "nocfg" else "base"), ("LoRA alpha 1", entry_name(1.0, None, tag))]
         grids += [(f"AutoLoRA alpha 1, gamma {g:g}", entry_name(1.0, g, tag)) for g in spec.gammas]
         lines += ["", f"Samples, {title} (seed {spec.seeds[0]}):", "", *_grid_row(grids, out)]
-    lines += ["", "Verdicts (AutoLoRA against the plain LoRA at the same alpha and guidance):", ""]
-    pairs = []
+    verdicts = [("target FID", "fid_in_domain"), ("diversity", "diversity"), ("accuracy", "accuracy")]
+    verdicts += [("Div-X", "div_x")]
+    better = {m: "lower" if m == "fid_in_domain" else "higher" for _, m in verdicts}
+    head = ["guidance", "alpha", "gamma", *(f"{name} {better[m]}" for name, m in verdicts)]
+    lines += ["", "Verdicts, AutoLoRA against the plain LoRA at the same alpha and guidance: holds / does not hold "
+              "(the opposite is significant) / inconclusive, with the difference AutoLoRA - LoRA:", ""]  # fmt: skip
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for tag in ("nocfg", "cfg"):
         for a in spec.lora_scales:
             for g in spec.gammas:
                 auto, plain = entry_name(a, g, tag), entry_name(a, None, tag)
-                where = f"alpha {a:g}, gamma {g:g}, {'CFG' if tag == 'cfg' else 'no CFG'}"
-                pairs += [(f"more diverse ({where})", auto, plain, "diversity")]
-                pairs += [(f"higher Div-X ({where})", auto, plain, "div_x")]
-    return lines + _verdicts(results, pairs)
+                if auto not in results or plain not in results:
+                    continue
+                row = [f"CFG {spec.guidance_scale:g}" if tag == "cfg" else "no CFG", f"{a:g}", f"{g:g}"]
+                for _, m in verdicts:
+                    sa, sb = results[auto]["stats"][m], results[plain]["stats"][m]
+                    verdict = compare(sa, sb, m, better[m])
+                    row.append(f"{verdict.split(' (')[0]} ({sa['mean'] - sb['mean']:+.3f})")
+                lines.append("| " + " | ".join(row) + " |")
+    return lines
