@@ -9,9 +9,11 @@ non-zero). One guided denoiser call at a step shared by the batch:
    two, so 2.0 is the floor wherever a network call's cost grows linearly with its batch; where it grows
    faster (a CPU whose caches a larger batch overflows), the second ratio separates that from AutoLoRA's
    own cost: AutoLoRA / CFG at twice the batch, the same number of samples per call;
-2. memory, on a GPU: the peak memory allocated by one call (the weights, resident once for both, since the
-   base model is the same module at LoRA scale 0, plus the call's activations), AutoLoRA / CFG. A CPU run
-   prints only the weights' size.
+2. the same with `branches_per_call=2`: AutoLoRA's four branches in two calls, each the size of CFG's;
+3. memory, on a GPU: the peak memory allocated by one guided call (the weights, resident once for both,
+   since the base model is the same module at LoRA scale 0, plus the call's activations), AutoLoRA / CFG,
+   in one call (four branches hold twice CFG's activations) and in two. A CPU run prints only the weights'
+   size.
 Timings are medians over interleaved repeats; on a GPU each timing waits for the device to finish.
 """
 
@@ -59,10 +61,11 @@ def main() -> None:
     m, process = cfg.model, process_for(cfg)
     predict = functools.partial(process.predict, net)
 
-    def run(batch: int, guidance):
+    def run(batch: int, guidance, per_call: int = 0):
         x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
         t = torch.full((batch,), 1.0 if cfg.diffusion.family == "edm" else 500, device=device)
-        call = guided(predict, guidance(Conditions(labels=torch.full((batch,), 3, device=device), shared=True)))
+        cond = Conditions(labels=torch.full((batch,), 3, device=device), shared=True)
+        call = guided(predict, guidance(cond), per_call)
 
         def go():
             with torch.no_grad():
@@ -73,16 +76,23 @@ def main() -> None:
     def cfg_call(batch):
         return run(batch, lambda cond: classifier_free(cond, 3.0))
 
-    auto_call = run(args.batch, lambda cond: autolora(cond, 1.5, 0.8, 3.0, 3.0))
+    def auto(cond):
+        return autolora(cond, 1.5, 0.8, 3.0, 3.0)
+
+    auto_call, auto_split = run(args.batch, auto), run(args.batch, auto, per_call=2)
     print(f"{describe(device)}, {args.preset} + plain LoRA, batch {args.batch}")
     auto_s, cfg_s = median_pair(auto_call, cfg_call(args.batch), args.repeats, device)
     print(f"ratio time    AutoLoRA with CFG / CFG on one model     {auto_s / cfg_s:.3f}   (target <= 2.05)")
     auto_s, cfg_s = median_pair(auto_call, cfg_call(2 * args.batch), args.repeats, device)
     print(f"ratio time    the same, CFG at batch {2 * args.batch} (equal samples)   {auto_s / cfg_s:.3f}")
+    split_s, cfg_s = median_pair(auto_split, cfg_call(args.batch), args.repeats, device)
+    print(f"ratio time    AutoLoRA in two calls (branches_per_call 2) / CFG   {split_s / cfg_s:.3f}")
     print(f"weights (one network for both): {_resident_bytes(net) / 2**20:.2f} MiB")
     if device.type == "cuda":
-        ratio = _peak(auto_call, device) / _peak(cfg_call(args.batch), device)
-        print(f"ratio peak memory AutoLoRA with CFG / CFG on one model {ratio:.3f}   (target <= 1.05)")
+        cfg_peak = _peak(cfg_call(args.batch), device)
+        print(f"ratio peak memory AutoLoRA with CFG / CFG on one model {_peak(auto_call, device) / cfg_peak:.3f}")
+        split = _peak(auto_split, device) / cfg_peak
+        print(f"ratio peak memory the same in two calls (branches_per_call 2) / CFG {split:.3f}   (target <= 1.05)")
 
 
 if __name__ == "__main__":

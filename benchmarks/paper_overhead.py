@@ -1,23 +1,27 @@
 """Cost of LoRA conditioning on the papers' networks, as ratios measured in one run on this machine.
 
     python benchmarks/paper_overhead.py --family edm|iddpm [--device cpu|cuda] [--batch 64 128]
-                                        [--precision fp32 bf16] [--model-channels N] [--repeats 10]
+                                        [--precision fp32 strict bf16] [--model-channels N] [--repeats 10]
+                                        [--compile MODE]
 
 edm: EDM's DDPM++ on CIFAR-10, UC-LoRA (m 18, r 4, per-basis bias; preset edm-cifar10-uncond-uc-lora) over
 the baseline (edm-cifar10-uncond); iddpm: IDDPM on class-conditional CIFAR-10 (learned variance, hybrid
 loss), TimeLoRA + ClassLoRA (iddpm-cifar10-cond-lora) over the baseline (iddpm-cifar10-cond). Reported:
 1. training step (the family's loss + backward + Adam) per batch size and precision (fp32 uses TF32 matmuls
-   on a GPU, as the published figures; bf16 is autocast), with the baseline's own time in ms;
+   on a GPU, as the published figures; strict is fp32 without TF32; bf16 is autocast), with the baseline's
+   own time in ms;
 2. sampling call (one network evaluation at one shared noise level, and one class for iddpm: every LoRA
    layer takes its merged path);
 3. one qkv layer forward + backward with its LoRA / the bare 1x1 convolution.
-`--model-channels` narrows both networks (e.g. 32 on a laptop CPU, where the full width takes seconds per
+`--compile MODE` runs both networks under torch.compile(fullgraph=True, mode=MODE), e.g. reduce-overhead
+(CUDA graphs). `--model-channels` narrows both networks (e.g. 32 on a laptop CPU, where the full width takes seconds per
 step); the report names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 from _timing import describe, median_pair
@@ -28,6 +32,7 @@ from condlora.lora import conditioned_layers
 from condlora.nets import build_network
 from condlora.presets import build_config
 
+COMPILE = ""  # torch.compile mode for both networks; empty: eager
 FAMILIES = {  # baseline preset, LoRA preset, architecture section, overrides, default width
     "edm": ("edm-cifar10-uncond", "edm-cifar10-uncond-uc-lora", "ddpmpp", {"edm": {"augment": 0.0}}, 128),
     "iddpm": ("iddpm-cifar10-cond", "iddpm-cifar10-cond-lora", "iddpm", {}, 128),
@@ -43,7 +48,19 @@ def _pair(family: str, device: torch.device, width: int):
     lora = build_network(cfg).to(device)
     for _, layer in conditioned_layers(lora):
         torch.nn.init.normal_(layer.lora_up, std=0.01)  # a trained adapter is non-zero
+    if COMPILE:
+        torch._dynamo.config.cache_size_limit = 64
+        base, lora = (torch.compile(net, fullgraph=True, mode=COMPILE) for net in (base, lora))
     return cfg, base, lora
+
+
+@contextlib.contextmanager
+def _precision(device: torch.device, precision: str):
+    """fp32 with TF32 matmuls and convolutions (as the published figures), strict fp32, or bf16 autocast."""
+    tf32 = precision != "strict"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield
 
 
 def _labels(cfg, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -61,7 +78,7 @@ def training_ratio(family, device, width, batch, precision, repeats) -> float:
         g = torch.Generator(device).manual_seed(0)
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with _precision(device, precision):
                 loss = process.loss(net, x, cond, g)["loss"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -86,7 +103,7 @@ def sampling_ratio(family, device, width, batch, precision, repeats) -> float:
 
     def call(net):
         def run():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with _precision(device, precision):
                 return process.predict(net, x, level, cond)
 
         return run
@@ -124,14 +141,17 @@ def main() -> None:
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "strict", "bf16"])
+    parser.add_argument("--compile", default="", help="torch.compile mode for both networks (default: eager)")
     parser.add_argument("--model-channels", type=int, default=0, help="width (default: the CIFAR-10 network's)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    device, family = torch.device(args.device), args.family
+    global COMPILE
+    device, family, COMPILE = torch.device(args.device), args.family, args.compile
     width = args.model_channels or FAMILIES[family][4]
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    print(f"{describe(device)}, {family}: {FAMILIES[family][1]} / {FAMILIES[family][0]}, model_channels {width}")
+    mode = f"compile {COMPILE}" if COMPILE else "eager"
+    base_preset, lora_preset = FAMILIES[family][:2]
+    print(f"{describe(device)}, {family}: {lora_preset} / {base_preset}, model_channels {width}, {mode}")
     rows = []
     for precision in args.precision:
         for batch in args.batch:
@@ -139,7 +159,8 @@ def main() -> None:
             rows.append((f"training step  batch {batch} {precision}", ratio, 1.05))
         ratio = sampling_ratio(family, device, width, args.batch[-1], precision, args.repeats)
         rows.append((f"sampling call  batch {args.batch[-1]} {precision}", ratio, 1.03))
-    ratio = layer_ratio(family, device, width, args.batch[-1], args.repeats)
+    with _precision(device, "fp32"):
+        ratio = layer_ratio(family, device, width, args.batch[-1], args.repeats)
     rows.append((f"one qkv layer  batch {args.batch[-1]} (fwd+bwd)", ratio, None))
     for what, ratio, target in rows:
         print(f"ratio {what:<36} LoRA / baseline  {ratio:.3f}" + (f"   (target <= {target})" if target else ""))

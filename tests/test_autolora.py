@@ -151,6 +151,30 @@ def test_autolora_combines_separate_models_as_eq7_says(kind):
     assert torch.allclose(got, base_w1 + gamma * (lora_w2 - base_w1), atol=1e-4)
 
 
+@pytest.mark.parametrize("per_call, calls", [(1, 4), (2, 2), (3, 2), (4, 1)])
+def test_branches_per_call_splits_the_branches_and_keeps_the_result(per_call, calls):
+    """Fewer branches per network call (less peak memory) give the same guided prediction as one call."""
+    net, cfg = _network("nano-plain")
+    process, m = process_for(cfg), cfg.model
+    x, t = torch.randn(3, m.in_channels, m.image_size, m.image_size), torch.tensor([5, 50, 99])
+    guidance = autolora(Conditions(labels=torch.tensor([1, 4, 7])), 1.5, 0.7, 2.0, 3.0)
+    sizes = []
+
+    def predict(x, t, c):
+        sizes.append(x.shape[0])
+        return process.predict(net, x, t, c)
+
+    with torch.no_grad():
+        one_call = guided(predict, guidance)(x, t)
+        assert sizes == [12]
+        sizes.clear()
+        split = guided(predict, guidance, branches_per_call=per_call)(x, t)
+    assert len(sizes) == calls and sum(sizes) == 12 and max(sizes) == 3 * per_call
+    assert torch.allclose(split, one_call, atol=1e-5)
+    with pytest.raises(ValueError, match="branches_per_call"):
+        guided(predict, guidance, branches_per_call=-1)
+
+
 @pytest.mark.parametrize("kind", ["nano-time-class", "nano-tsm", "iddpm", "edm-uc"])
 def test_lora_scale_0_is_the_base_network_bit_for_bit_inside_a_batched_call(kind):
     net, cfg = _network(kind)
@@ -200,6 +224,11 @@ def test_cli_samples_with_autolora(tiny_config, tmp_path, capsys):
           "--base-guidance-scale", "3", "--count", "4", "--steps", "3", "--out", out])  # fmt: skip
     assert np.load(tmp_path / "auto-gamma1.5.npz")["images"].shape == (4, 8, 8, 1)  # the dot stays in the name
     assert (tmp_path / "auto-gamma1.5.png").is_file()
+    main(["sample", str(tmp_path / "run"), "--guidance", "autolora", "--gamma", "1.5", "--lora-scale", "0.8",
+          "--base-guidance-scale", "3", "--count", "4", "--steps", "3", "--out", out + "-split",
+          "--branches-per-call", "2"])  # fmt: skip
+    split = np.load(tmp_path / "auto-gamma1.5-split.npz")["images"].astype(int)
+    assert abs(split - np.load(tmp_path / "auto-gamma1.5.npz")["images"].astype(int)).max() <= 1  # uint8 rounding
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "run"), "--guidance", "guess"])
     assert "invalid choice: 'guess'" in capsys.readouterr().err

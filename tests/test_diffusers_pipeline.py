@@ -53,6 +53,9 @@ def test_gamma_0_is_the_base_pipeline_and_gamma_1_the_lora_pipeline(tmp_path, te
     assert abs(base - lora).max() > 1e-3  # the LoRA matters
     assert abs(_auto(auto, gamma=0.0, guidance_scale=2.0, base_guidance_scale=4.0) - base).max() < 1e-5
     assert abs(_auto(auto, gamma=1.0, guidance_scale=4.0) - lora).max() < 1e-5
+    one_call = _auto(auto, gamma=1.5, guidance_scale=4.0, base_guidance_scale=2.0)
+    two_calls = _auto(auto, gamma=1.5, guidance_scale=4.0, base_guidance_scale=2.0, branches_per_call=2)
+    assert abs(one_call - two_calls).max() < 1e-5  # the UNet's branches in two calls: the same images
 
 
 def test_autolora_mixes_the_two_pipelines_noise_predictions(tmp_path):

@@ -184,6 +184,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         lora_scale=args.lora_scale,
         autolora_gamma=args.gamma,
         base_guidance_scale=args.base_guidance_scale,
+        branches_per_call=args.branches_per_call,
         count=args.count,
         class_label=args.class_label,
         seed=args.seed,
@@ -442,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, help="AutoLoRA's gamma (0: base, 1: LoRA model, > 1: beyond) [1.5]")
     p.add_argument(
         "--base-guidance-scale", type=float, help="AutoLoRA's w1, the base model's CFG scale [--guidance-scale]"
+    )
+    p.add_argument(
+        "--branches-per-call",
+        type=int,
+        help="guidance branches per network call: 0 all (fastest), 2 AutoLoRA in two CFG-sized calls (less memory)",
     )
     p.add_argument("--count", type=int, help="number of images")
     p.add_argument("--class", dest="class_label", type=int, help="sample only this class (default: cycle)")

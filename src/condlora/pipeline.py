@@ -185,7 +185,8 @@ def sample_class_vectors(
     for start in range(0, len(seeds), s.batch_size):
         part = vectors[start : start + s.batch_size].to(device)
         labels = torch.full((len(part),), NULL_LABEL, device=device)
-        denoise = guided(predict, sample_guidance(s, Conditions(labels=labels, class_vector=part), len(part), device))
+        guidance = sample_guidance(s, Conditions(labels=labels, class_vector=part), len(part), device)
+        denoise = guided(predict, guidance, s.branches_per_call)
         noise = PerSampleNoise(seeds[start : start + s.batch_size], device)
         x = process.sample(denoise, noise, (m.in_channels, m.image_size, m.image_size), s)
         images.append(unscale(x.clamp(-1, 1)))

@@ -319,6 +319,9 @@ class SampleConfig:
     base_guidance_scale: float = setting(
         -1.0, "AutoLoRA's w1, the classifier-free guidance of the base model; -1 means guidance_scale (w2)"
     )
+    branches_per_call: int = setting(
+        0, "guidance branches batched into one network call: 0 all (fastest); 2 runs AutoLoRA in two CFG-sized calls"
+    )
     count: int = setting(100, "number of samples")
     class_label: int = setting(-1, "draw every sample from this class; -1 cycles through the classes")
     seed: int = setting(0, "sample i uses seed + i, so results do not depend on batch size")
@@ -338,6 +341,7 @@ class SampleConfig:
             "must be >= 0, or -1 for guidance_scale",
             self.base_guidance_scale,
         )
+        check(self.branches_per_call >= 0, "sample", "branches_per_call", "must be >= 0", self.branches_per_call)
         check(self.count >= 1, "sample", "count", "must be >= 1", self.count)
         check(self.class_label >= -1, "sample", "class_label", "must be -1 or a class index", self.class_label)
         check(self.batch_size >= 1, "sample", "batch_size", "must be >= 1", self.batch_size)

@@ -96,7 +96,7 @@ def generate(
         batch_labels = labels[start : start + cfg.batch_size]
         noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
         cond = batch_conditions(batch_labels, num_classes, device)
-        denoise = guided(predict, sample_guidance(cfg, cond, len(batch_labels), device))
+        denoise = guided(predict, sample_guidance(cfg, cond, len(batch_labels), device), cfg.branches_per_call)
         x = process.sample(denoise, noise, image_shape, cfg)
         chunks.append(x.clamp(-1, 1).cpu())
     if stats is not None:

@@ -126,31 +126,40 @@ def autolora(
     return mix((1.0 - gamma, base), (gamma, lora))
 
 
-def guided(predict: Predict, guidance: Guidance) -> Denoiser:
-    """D(x, t) = sum_k w_k predict(x, t, branch_k), all branches in one batched call of `predict`.
+def guided(predict: Predict, guidance: Guidance, branches_per_call: int = 0) -> Denoiser:
+    """D(x, t) = sum_k w_k predict(x, t, branch_k), the branches batched into calls of `predict`.
 
+    By default every branch goes into one batched call: the fastest on a device with room for it. A call
+    of k branches holds k times the activations of one, so `branches_per_call` trades speed for memory:
+    2 evaluates AutoLoRA's four branches in two calls, each the size of one classifier-free-guided call.
     Branches whose conditions carry different fields (a class vector beside the null label) cannot share
     a batch; they are evaluated one call each.
 
     Args:
         predict: `predict(x, t, cond)`, e.g. `functools.partial(process.predict, net)`.
         guidance: branches and weights.
+        branches_per_call: at most this many branches per call of `predict`; 0 means all of them.
     Returns:
         A denoiser `D(x, t)` for the samplers; x (B, ...), t (B,).
     """
+    if branches_per_call < 0:
+        raise ValueError(f"branches_per_call must be >= 0 (0: all in one call), got {branches_per_call}")
     branches, weights = guidance.branches, guidance.weights
-    k = len(branches)
-    if k == 1:
+    if len(branches) == 1:
         cond, weight = branches[0], weights[0]
         return lambda x, t: predict(x, t, cond) if weight == 1.0 else weight * predict(x, t, cond)
-    batched = Conditions.concatenable(branches)
-    cond = Conditions.cat(branches) if batched else None
+    size = branches_per_call or len(branches)
+    groups = [branches[i : i + size] for i in range(0, len(branches), size)]
+    joined = [Conditions.cat(g) if len(g) > 1 and Conditions.concatenable(g) else None for g in groups]
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if batched:
-            parts = predict(torch.cat([x] * k), torch.cat([t] * k), cond).chunk(k)
-        else:
-            parts = [predict(x, t, branch) for branch in branches]
+        parts = []
+        for group, cond in zip(groups, joined, strict=True):
+            if cond is not None:
+                k = len(group)
+                parts += predict(torch.cat([x] * k), torch.cat([t] * k), cond).chunk(k)
+            else:
+                parts += [predict(x, t, branch) for branch in group]
         out = weights[0] * parts[0]
         for w, part in zip(weights[1:], parts[1:], strict=True):
             out = out + w * part

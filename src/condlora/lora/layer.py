@@ -125,9 +125,10 @@ class ConditionedLoRA(nn.Module):
     def _routable(self, cond: Conditions) -> bool:
         """Whether a router's split path applies: one strategy offering `routed`, one LoRA scale for the call,
         nothing merged, no per-basis bias, no dropout to apply."""
-        (strategy, *others) = self.strategies.values()
+        if len(self.strategies) != 1 or cond.lora_scale is not None:
+            return False
         plain = not (self.merged or self.basis_bias is not None or (self.training and self.dropout))
-        return plain and not others and hasattr(strategy, "routed") and cond.lora_scale is None
+        return plain and hasattr(next(iter(self.strategies.values())), "routed")
 
     def _forward_routed(self, x: torch.Tensor, core: torch.Tensor, index: torch.Tensor, gates: torch.Tensor):
         """Routed experts at one shared step: the core expert merged into the weight (one projection), and only

@@ -54,8 +54,8 @@ class EMA:
         """Move the average towards the current weights of `net`."""
         weight = 1.0 - self.decay_at(num_updates)
         params = dict(net.named_parameters())
-        for name in self.names:
-            self.shadow[name].lerp_(params[name].detach(), weight)
+        shadows = [self.shadow[name] for name in self.names]
+        torch._foreach_lerp_(shadows, [params[name].detach() for name in self.names], weight)  # one fused kernel
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged tensors by parameter name."""

@@ -343,8 +343,10 @@ def _batches(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_s
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     if cfg.data.num_workers == 0:
         resident = train_set.to(dist.device)
+        pin = dist.device.type == "cuda"  # a copy from pageable memory would wait for the GPU to catch up
         for indices in sampler:
-            x0, labels = resident.batch(torch.tensor(indices).to(dist.device, non_blocking=True))
+            index = torch.tensor(indices).pin_memory() if pin else torch.tensor(indices)
+            x0, labels = resident.batch(index.to(dist.device, non_blocking=True))
             yield x0.contiguous(memory_format=layout), labels
         return
     loader = DataLoader(
