@@ -64,3 +64,34 @@ def test_respaced_timesteps():
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="unknown schedule"):
         NoiseSchedule.create("quadratic", 10)
+
+
+def test_min_snr_weighting_scales_each_samples_loss_by_min_snr_gamma_over_snr():
+    """Min-SNR (Hang et al. 2023): with a network that predicts eps = 0 the simple loss of sample i is
+    mean(noise_i^2); weighted, it is that times min(SNR_t, gamma) / SNR_t, SNR from the DDPM betas by hand."""
+    from condlora.conditions import Conditions
+    from condlora.diffusion import process_for
+    from condlora.presets import build_config
+
+    gamma, batch = 5.0, 64
+    cfg = build_config("mnist-nano-uncond", {"ddpm": {"min_snr_gamma": gamma}})
+    process = process_for(cfg)
+
+    def zero_net(x, level, cond):
+        return torch.zeros_like(x)
+
+    x0 = torch.rand(batch, 1, 4, 4) * 2 - 1
+    loss = process.loss(zero_net, x0, Conditions(), torch.Generator().manual_seed(3))["loss"]
+    g = torch.Generator().manual_seed(3)  # the same draws as the loss: t, then the noise
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    alpha_bar, snr = 1.0, []
+    for b in betas:
+        alpha_bar *= 1 - b
+        snr.append(alpha_bar / (1 - alpha_bar))
+    weights = torch.tensor([min(snr[i], gamma) / snr[i] for i in t.tolist()])
+    assert torch.allclose(loss, noise.pow(2).flatten(1).mean(1) * weights, rtol=1e-5)
+    assert (weights < 1).any() and (weights == 1).any()  # the batch holds steps on both sides of SNR = gamma
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        build_config("mnist-iddpm", {"ddpm": {"min_snr_gamma": gamma}})

@@ -130,6 +130,9 @@ class RunConfig:
             for name, plain in (("learn_sigma", False), ("timestep_sampler", "uniform")):
                 value = getattr(self.ddpm, name)
                 check(value == plain, "ddpm", name, "is an iddpm setting: set diffusion.family iddpm", value)
+        else:
+            gamma = self.ddpm.min_snr_gamma
+            check(gamma == 0, "ddpm", "min_snr_gamma", "is a ddpm-family setting", gamma)
         check(
             not self.ddpm.learn_sigma or self.model.backbone == "iddpm",
             "ddpm",

@@ -178,7 +178,8 @@ class DiffusionConfig:
 
 @dataclass
 class DDPMConfig:
-    """The discrete-time process of the ddpm and iddpm families; the last three fields are IDDPM's."""
+    """The discrete-time process of the ddpm and iddpm families; learn_sigma, vlb_weight and timestep_sampler
+    are IDDPM's, min_snr_gamma the ddpm family's."""
 
     num_timesteps: int = setting(1000, "number of diffusion steps T")
     schedule: Literal["linear", "cosine"] = setting("linear", "beta schedule")
@@ -194,6 +195,9 @@ class DDPMConfig:
     train_steps: tuple[int, ...] = setting(
         (), "train only on the 0-based steps in [first, last) (e.g. one expert's interval); empty: all steps"
     )
+    min_snr_gamma: float = setting(
+        0.0, "ddpm: weight the loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023); 0 is the simple loss"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "ddpm")
@@ -208,6 +212,7 @@ class DDPMConfig:
             self.beta_end,
         )
         check(self.vlb_weight >= 0, "ddpm", "vlb_weight", "must be >= 0", self.vlb_weight)
+        check(self.min_snr_gamma >= 0, "ddpm", "min_snr_gamma", "must be >= 0 (0: off)", self.min_snr_gamma)
 
 
 @dataclass

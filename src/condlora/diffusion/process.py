@@ -75,13 +75,25 @@ class DDPM:
     Args:
         schedule: the noise schedule (betas and what derives from them).
         timestep_sampler: draws the training steps; uniform by default.
+        min_snr_gamma: > 0 weights each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR weighting, Hang et
+            al. 2023, for eps prediction): the nearly clean steps, whose many small details the simple loss
+            weights most, count less; 0 is the simple loss.
     """
 
     family = "ddpm"
 
-    def __init__(self, schedule: NoiseSchedule, timestep_sampler: UniformTimestepSampler | None = None):
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        timestep_sampler: UniformTimestepSampler | None = None,
+        min_snr_gamma: float = 0.0,
+    ):
         self.schedule = schedule
         self.timestep_sampler = timestep_sampler or UniformTimestepSampler(schedule.num_timesteps)
+        self.loss_weights = None
+        if min_snr_gamma > 0:
+            snr = schedule.snr()
+            self.loss_weights = (snr.clamp(max=min_snr_gamma) / snr).float()  # (T,), on the CPU until first use
 
     @property
     def num_timesteps(self) -> int:
@@ -111,7 +123,8 @@ class DDPM:
         generator: torch.Generator,
     ) -> dict[str, torch.Tensor]:
         """DDPM's simple loss (Ho et al. eq. 14), per sample:
-        {"loss": || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t) ||^2 averaged over pixels} (B,).
+        {"loss": || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t) ||^2 averaged over pixels} (B,),
+        times min(SNR_t, gamma) / SNR_t with Min-SNR weighting.
 
         Args:
             net: `net(x, noise_level, cond)`.
@@ -124,7 +137,11 @@ class DDPM:
         x_t = self.schedule.q_sample(x0, t, noise)
         eps = self.predict(net, x_t, t, cond)
         precision = torch.promote_types(eps.dtype, torch.float32)  # bf16 predictions: reduce in float32
-        return {"loss": (eps.to(precision) - noise.to(precision)).pow(2).flatten(1).mean(dim=1)}
+        loss = (eps.to(precision) - noise.to(precision)).pow(2).flatten(1).mean(dim=1)
+        if self.loss_weights is not None:
+            self.loss_weights = self.loss_weights.to(loss.device)  # once: a no-op afterwards
+            loss = loss * self.loss_weights[t].to(precision)
+        return {"loss": loss}
 
     def sample(
         self,
@@ -164,4 +181,5 @@ def process_for(cfg: RunConfig) -> Process:
         sampler = LossSecondMomentSampler(d.num_timesteps) if d.timestep_sampler == "loss-second-moment" else None
         sampler = sampler or UniformTimestepSampler(d.num_timesteps, d.train_steps)
         return IDDPM(schedule_for(cfg), d.learn_sigma, d.vlb_weight, sampler)
-    return DDPM(schedule_for(cfg), UniformTimestepSampler(cfg.ddpm.num_timesteps, cfg.ddpm.train_steps))
+    sampler = UniformTimestepSampler(cfg.ddpm.num_timesteps, cfg.ddpm.train_steps)
+    return DDPM(schedule_for(cfg), sampler, cfg.ddpm.min_snr_gamma)
