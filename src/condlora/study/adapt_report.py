@@ -13,6 +13,13 @@ from condlora.study.report import COMMAND_FILE, _fmt, _stats, _train_minutes, co
 from condlora.train.checkpoint import write_json_atomic
 
 METRICS = ("fid_in_domain", "precision", "recall", "diversity", "accuracy", "div_x", "parameters")
+
+
+def _better(metric: str) -> str:
+    """Which direction of `metric` is better: a distance is better lower, every other metric higher."""
+    return "lower" if metric == "fid_in_domain" else "higher"
+
+
 ARM_TITLES = {
     "base": "base (the source, not fine-tuned)",
     "lora": "vanilla LoRA",
@@ -62,8 +69,7 @@ def _verdicts(results: dict[str, dict[str, Any]], pairs: list[tuple[str, str, st
     for claim, a, b, metric in pairs:
         if a in results and b in results and metric in results[a]["stats"]:
             sa, sb = results[a]["stats"][metric], results[b]["stats"][metric]
-            better = "lower" if metric == "fid_in_domain" else "higher"
-            verdict = compare(sa, sb, f"{metric} {better}", better)
+            verdict = compare(sa, sb, f"{metric} {_better(metric)}", _better(metric))
             lines.append(f"- {claim}: **{verdict}**")
     return lines
 
@@ -187,8 +193,7 @@ def _guidance_section(spec: AdaptSpec, results: dict[str, dict[str, Any]], out: 
         lines += ["", f"Samples, {title} (seed {spec.seeds[0]}):", "", *_grid_row(grids, out)]
     verdicts = [("target FID", "fid_in_domain"), ("diversity", "diversity"), ("accuracy", "accuracy")]
     verdicts += [("Div-X", "div_x")]
-    better = {m: "lower" if m == "fid_in_domain" else "higher" for _, m in verdicts}
-    head = ["guidance", "alpha", "gamma", *(f"{name} {better[m]}" for name, m in verdicts)]
+    head = ["guidance", "alpha", "gamma", *(f"{name} {_better(m)}" for name, m in verdicts)]
     lines += ["", "Verdicts, AutoLoRA against the plain LoRA at the same alpha and guidance: holds / does not hold "
               "(the opposite is significant) / inconclusive, with the difference AutoLoRA - LoRA:", ""]  # fmt: skip
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -201,7 +206,7 @@ def _guidance_section(spec: AdaptSpec, results: dict[str, dict[str, Any]], out: 
                 row = [f"CFG {spec.guidance_scale:g}" if tag == "cfg" else "no CFG", f"{a:g}", f"{g:g}"]
                 for _, m in verdicts:
                     sa, sb = results[auto]["stats"][m], results[plain]["stats"][m]
-                    verdict = compare(sa, sb, m, better[m])
+                    verdict = compare(sa, sb, m, _better(m))
                     row.append(f"{verdict.split(' (')[0]} ({sa['mean'] - sb['mean']:+.3f})")
                 lines.append("| " + " | ".join(row) + " |")
     return lines
