@@ -132,7 +132,13 @@ class RunConfig:
                 check(value == plain, "ddpm", name, "is an iddpm setting: set diffusion.family iddpm", value)
         else:
             gamma = self.ddpm.min_snr_gamma
-            check(gamma == 0, "ddpm", "min_snr_gamma", "is a ddpm-family setting", gamma)
+            check(
+                gamma == 0,
+                "ddpm",
+                "min_snr_gamma",
+                "is a ddpm-family setting (the hybrid loss weighs itself): set 0",
+                gamma,
+            )
         check(
             not self.ddpm.learn_sigma or self.model.backbone == "iddpm",
             "ddpm",
