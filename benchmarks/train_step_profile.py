@@ -35,6 +35,7 @@ _CONV_TIMING_CALLS = 10
 
 
 def _steps_per_sec(fn, steps: int, device: torch.device) -> float:
+    """Calls of `fn` per second over `steps` calls, after three to warm up."""
     for _ in range(3):  # warm-up (and compilation)
         fn()
     synchronize(device)
@@ -73,14 +74,7 @@ def conv_table(net: torch.nn.Module, step, device: torch.device, channels_last: 
         def fwd_bwd(conv=conv, x=x, grad=grad):
             conv(x).backward(grad)
 
-        for _ in range(2):
-            fwd_bwd()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(_CONV_TIMING_CALLS):
-            fwd_bwd()
-        synchronize(device)
-        seconds = (time.perf_counter() - start) / _CONV_TIMING_CALLS
+        seconds = 1 / _steps_per_sec(fwd_bwd, _CONV_TIMING_CALLS, device)
         flops = (2 + needs_grad) * 2 * out.numel() * c_in * kernel[0] * kernel[1]  # forward, weight and input grads
         total += count * seconds
         name = f"{c_in}->{c_out} k{kernel[0]} s{stride[0]} on {shape[-2]}x{shape[-1]} (batch {shape[0]})"
