@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from condlora.conditions import Conditions
-from condlora.diffusion.schedules import NoiseSchedule
+from condlora.diffusion.schedules import NoiseSchedule, gather
 
 if TYPE_CHECKING:
     from condlora.config import RunConfig, SampleConfig
@@ -93,7 +93,7 @@ class DDPM:
         self.loss_weights = None
         if min_snr_gamma > 0:
             snr = schedule.snr()
-            self.loss_weights = (snr.clamp(max=min_snr_gamma) / snr).float()  # (T,), on the CPU until first use
+            self.loss_weights = snr.clamp(max=min_snr_gamma) / snr  # (T,)
 
     @property
     def num_timesteps(self) -> int:
@@ -139,8 +139,7 @@ class DDPM:
         precision = torch.promote_types(eps.dtype, torch.float32)  # bf16 predictions: reduce in float32
         loss = (eps.to(precision) - noise.to(precision)).pow(2).flatten(1).mean(dim=1)
         if self.loss_weights is not None:
-            self.loss_weights = self.loss_weights.to(loss.device)  # once: a no-op afterwards
-            loss = loss * self.loss_weights[t].to(precision)
+            loss = loss * gather(self.loss_weights, t, loss)
         return {"loss": loss}
 
     def sample(
