@@ -13,6 +13,7 @@ from condlora.lora import (
     ConditionedLoRA,
     Conditions,
     LoRASpec,
+    PlainLoRA,
     TimeTable,
     basis_timesteps,
     bind_conditions,
@@ -24,8 +25,10 @@ from condlora.lora import (
     merge_lora,
     onehot_table,
     save_lora,
+    strategies,
     unmerge_lora,
 )
+from condlora.lora.layer import grouped_omegas
 
 T, C, D = 50, 4, 16
 
@@ -104,7 +107,71 @@ def test_batched_path_equals_naive_per_sample_reference(kind, layout, basis_bias
     _randomise(layer)
     x, cond = _input(layout, 5), _conditions(5)
     layer.conditions = cond
-    assert torch.allclose(layer(x), _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
+    expected = _naive(layer, x, cond)
+    assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+    layer.conditions = None
+    with bind_conditions([layer], cond):  # omega computed at binding, by the grouped form
+        assert layer.omega_of_call is not None
+        assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stack_limit", [strategies.STACK_LIMIT, 0])  # 0: every time table gathered alone
+def test_grouped_omegas_equal_each_layers_own_with_gradients(stack_limit, monkeypatch):
+    """Layers of every kind, alike and not, in one network call: the grouped omegas and their gradients
+    are those each layer computes alone (float64), with a per-sample LoRA scale and alpha != r."""
+    monkeypatch.setattr(strategies, "STACK_LIMIT", stack_limit)
+    torch.manual_seed(0)
+    layers = [
+        ConditionedLoRA(_base(layout), _strategies(kind), rank=3, alpha=6.0).double()
+        for kind in KINDS
+        for layout in ("linear", "conv2d")
+    ]
+    layers.append(ConditionedLoRA(_base("linear"), {"plain": PlainLoRA()}, rank=3).double())  # no grouped form
+    for layer in layers:
+        for p in layer.strategies.parameters():
+            nn.init.normal_(p)  # GroupNorm's affine and zero-initialised tables become non-trivial
+    cond = _conditions(5).replace(
+        embedding=torch.randn(5, D, dtype=torch.float64), lora_scale=torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0])
+    )
+    weights = [torch.randn(5, layer.num_bases, dtype=torch.float64) for layer in layers]
+
+    def loss_and_grads(omegas):
+        loss = sum((o * w).sum() for o, w in zip(omegas, weights, strict=True))
+        params = [p for layer in layers for p in layer.strategies.parameters()]
+        return torch.autograd.grad(loss, params)
+
+    grouped = grouped_omegas(layers, cond)
+    assert grouped[-1] is None and all(o is not None for o in grouped[:-1])
+    own = [layer.omega(cond, _input("linear", 5).double()) for layer in layers[:-1]]
+    for o_grouped, o_own in zip(grouped[:-1], own, strict=True):
+        assert o_grouped.dtype == torch.float64
+        assert torch.allclose(o_grouped, o_own, atol=1e-12)
+    plain = layers[-1].omega(cond, _input("linear", 5).double())
+    for g_grouped, g_own in zip(loss_and_grads([*grouped[:-1], plain]), loss_and_grads([*own, plain]), strict=True):
+        assert torch.allclose(g_grouped, g_own, atol=1e-10)
+
+
+def test_grouped_uc_lora_costs_the_same_operations_for_any_number_of_layers():
+    """The point of grouping: the operations that compute omega do not grow with the number of layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 0 if func.is_view else 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(num_layers: int) -> int:
+        layers = [ConditionedLoRA(_base("linear"), _strategies("uc"), rank=2) for _ in range(num_layers)]
+        cond = Conditions(embedding=torch.randn(3, D))
+        with CountOps() as counter:
+            sum(o.sum() for o in grouped_omegas(layers, cond)).backward()
+        return counter.count - 2 * num_layers  # less the per-layer sum and add of this loss
+
+    assert ops(2) == ops(7) > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -8,6 +8,10 @@ the per-sample sum is a single rank-(r*M) product scaled by omega repeated r tim
 is ever built. When the caller vouches that every sample shares one condition (`Conditions.shared`), the
 weighted delta is merged into the base weight once for that call instead. No path reads a tensor on the
 host: which path runs depends only on Python-level facts.
+
+A network's layers usually carry alike strategies (the same table sizes, the same MLP widths): binding the
+conditions of a call (`bind_conditions`) computes their omegas together (`grouped_omegas`), and each layer
+then only projects.
 """
 
 from __future__ import annotations
@@ -17,6 +21,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
+
+
+def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torch.Tensor | None]:
+    """Each layer's omega for a call with `cond` (what `layer.omega` gives), computed for all layers with equal
+    `group_key` at once: a few operations per group instead of a few per layer. None for a layer that
+    computes its own (its strategies read the input, or have no grouped form)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        key = layer.group_key()
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    omegas: list[torch.Tensor | None] = [None] * len(layers)
+    for indices in groups.values():
+        members = [layers[i] for i in indices]
+        first, dtype = members[0], members[0].lora_down.dtype
+        parts = [
+            type(strategy).grouped([m.strategies[name] for m in members], cond, dtype).to(dtype)
+            for name, strategy in first.strategies.items()
+        ]
+        omega = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (L, B, M)
+        if cond.lora_scale is not None:
+            omega = omega * cond.lora_scale.to(dtype)[None, :, None]
+        if first.scaling != 1.0:
+            omega = omega * first.scaling
+        for i, layer_omega in zip(indices, omega.unbind(0), strict=True):
+            omegas[i] = layer_omega
+    return omegas
 
 
 def layer_shape(base: nn.Module) -> tuple[int, int, int]:
@@ -74,6 +105,7 @@ class ConditionedLoRA(nn.Module):
         self.lora_up = nn.Parameter(torch.zeros(self.c_out, width))  # B_i stacked: (C_out, r*M)
         self.basis_bias = nn.Parameter(torch.zeros(width, self.c_out)) if basis_bias else None
         self.conditions: Conditions | None = None
+        self.omega_of_call: torch.Tensor | None = None  # this call's omega when computed with other layers'
         self.merged = False
 
     def omega(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +121,16 @@ class ConditionedLoRA(nn.Module):
         if cond.lora_scale is not None:
             omega = omega * cond.lora_scale.to(x.dtype).reshape(-1, *([1] * (omega.dim() - 1)))
         return omega * self.scaling if self.scaling != 1.0 else omega
+
+    def group_key(self) -> tuple | None:
+        """Layers with equal keys compute their omegas together (`grouped_omegas`); None: this one cannot
+        (a strategy reads the input or has no grouped form)."""
+        parts = []
+        for name, strategy in self.strategies.items():
+            if getattr(strategy, "reads_input", False) or not hasattr(strategy, "grouped"):
+                return None
+            parts.append((name, type(strategy), strategy.group_key()))
+        return tuple(parts), self.scaling, self.lora_down.dtype, self.lora_down.device
 
     def _with_channels(self, shape: torch.Size, part: torch.Tensor) -> list[int]:
         """`shape` with its channel dimension set to the number of bases of `part`."""
@@ -115,7 +157,7 @@ class ConditionedLoRA(nn.Module):
             parts = next(iter(self.strategies.values())).routed(cond, x)
             if parts is not None:
                 return self._forward_routed(x, *parts)
-        omega = self.omega(cond, x)
+        omega = self.omega(cond, x) if self.omega_of_call is None else self.omega_of_call.to(x.dtype)
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
         if cond.shared and omega.dim() == 2 and not (self.training and self.dropout):
@@ -148,18 +190,28 @@ class ConditionedLoRA(nn.Module):
         return merged.reshape(shape)
 
     def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
         dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
         h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
-        h = h * (self._broadcast(scale, x) if scale.dim() == 2 else scale)
-        out = self.base_layer(x) + self._project(h, self.lora_up)
+        out = self.base_layer(x) + self._project(self._weigh(h, omega), self.lora_up)
         if self.basis_bias is not None:
+            scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
             if scale.dim() == 2:
                 out = out + self._broadcast(scale @ self.basis_bias, x)  # (B, C_out) per sample
             else:
                 per_position = scale.movedim(self.channel_dim, -1) @ self.basis_bias
                 out = out + per_position.movedim(-1, self.channel_dim)
         return out
+
+    def _weigh(self, h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        """h's r*M adapter channels (basis-major, r per basis) times their basis's omega: per sample through a
+        view that splits the channels into (M, r), so omega is never repeated; per position by repeating."""
+        dim = self.channel_dim % h.dim()
+        if omega.dim() > 2:
+            return h * omega.repeat_interleave(self.rank, dim=dim)
+        split = h.unflatten(dim, (self.num_bases, self.rank))  # (..., M, r, ...)
+        shape = [1] * split.dim()
+        shape[0], shape[dim] = omega.shape
+        return (split * omega.reshape(shape)).flatten(dim, dim + 1)
 
     def _forward_merged(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         weight = torch.addmm(self._base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i

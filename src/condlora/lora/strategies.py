@@ -6,6 +6,12 @@ input x. It returns omega (B, num_bases) per sample or, if it reads the input po
 router), omega for every position in x's layout with num_bases channels; such a strategy sets
 `reads_input = True`. Strategies never read tensors on the host: values are checked at the boundaries
 (`Conditions.check`).
+
+A strategy whose omega depends on the conditions alone may also offer `group_key()` and
+`grouped(strategies, cond, dtype)`: the omegas (L, B, num_bases) of L alike strategies (equal keys), one per
+layer, in a few operations for the whole network instead of a few per layer (`grouped_omegas` in
+`condlora.lora.layer`). Where the network's step is bound by launching kernels (a GPU), this is most of what
+the conditioning costs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from condlora.conditions import Conditions
 from condlora.ops import group_norm
 
 OmegaInit = Literal["linear", "onehot", "gaussian"]
+STACK_LIMIT = 1 << 22  # elements: tables up to this size in all are stacked per call to gather them at once
 
 
 def _require(value: torch.Tensor | None, name: str, strategy: str) -> torch.Tensor:
@@ -97,6 +104,16 @@ class TimeTable(nn.Module):
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.table[_require(cond.step, "step", "TimeLoRA")]  # (B, m+1)
 
+    def group_key(self) -> tuple:
+        return self.num_timesteps, self.num_bases
+
+    @staticmethod
+    def grouped(tables: list[TimeTable], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+        steps = _require(cond.step, "step", "TimeLoRA")
+        if len(tables) * tables[0].table.numel() <= STACK_LIMIT:  # one gather from the stacked tables
+            return torch.stack([t.table for t in tables])[:, steps]  # (L, B, m+1)
+        return torch.stack([t.table[steps] for t in tables])  # large (e.g. one-hot T x T) tables: gather each
+
 
 class ClassSelect(nn.Module):
     """ClassLoRA: one adapter per class, omega = one-hot(label); NULL_LABEL (no class) gives omega = 0.
@@ -120,6 +137,14 @@ class ClassSelect(nn.Module):
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.class_weights(cond, x.dtype if x is not None else torch.float32)
 
+    def group_key(self) -> tuple:
+        return (self.num_classes,)
+
+    @staticmethod
+    def grouped(selects: list[ClassSelect], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+        weights = selects[0].class_weights(cond, dtype)  # the same one-hot rows for every layer
+        return weights.expand(len(selects), *weights.shape)  # (L, B, C), no copy
+
 
 class ClassTable(ClassSelect):
     """Compositional ClassLoRA for many classes: omega = w(y) @ Table with a trainable (C, m) table of
@@ -132,6 +157,14 @@ class ClassTable(ClassSelect):
 
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.class_weights(cond, self.table.dtype) @ self.table  # (B, m)
+
+    def group_key(self) -> tuple:
+        return self.num_classes, self.num_bases
+
+    @staticmethod
+    def grouped(tables: list[ClassTable], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+        stacked = torch.stack([t.table for t in tables])  # (L, C, m)
+        return tables[0].class_weights(cond, stacked.dtype) @ stacked  # (B, C) @ (L, C, m) -> (L, B, m)
 
 
 class UCMLP(nn.Module):
@@ -157,6 +190,33 @@ class UCMLP(nn.Module):
 
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.mlp(_require(cond.embedding, "embedding", "UC-LoRA"))  # (B, m)
+
+    def group_key(self) -> tuple:
+        return tuple((type(m), *(p.shape for p in m.parameters()), getattr(m, "num_groups", 0)) for m in self.mlp)
+
+    @staticmethod
+    def grouped(mlps: list[UCMLP], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+        """The L MLPs side by side: each Linear one batched product over the stacked weights, each GroupNorm
+        one layer norm over every layer's groups (GroupNorm of a (B, C) input normalises each group of C / G
+        channels alone) followed by the stacked per-channel affine."""
+        v = _require(cond.embedding, "embedding", "UC-LoRA")
+        h = v.expand(len(mlps), *v.shape)  # (L, B, D)
+        for k, module in enumerate(mlps[0].mlp):
+            if isinstance(module, nn.Linear):  # as (W h^T + b)^T: the weights' gradients come out in their layout
+                h = torch.baddbmm(_stacked(mlps, k, "bias").mT, _stacked(mlps, k, "weight"), h.mT).mT  # (L, B, width)
+            elif isinstance(module, nn.GroupNorm):
+                groups = h.unflatten(-1, (module.num_groups, -1))
+                normed = F.layer_norm(groups, groups.shape[-1:], eps=module.eps).flatten(-2)
+                h = torch.addcmul(_stacked(mlps, k, "bias"), normed, _stacked(mlps, k, "weight"))
+            else:
+                h = module(h)  # the activation
+        return h  # (L, B, m)
+
+
+def _stacked(mlps: list[UCMLP], k: int, name: str) -> torch.Tensor:
+    """Parameter `name` of module k of every MLP, stacked: (L, out, in) for weights, (L, 1, out) for vectors."""
+    stacked = torch.stack([getattr(m.mlp[k], name) for m in mlps])
+    return stacked if stacked.dim() == 3 else stacked[:, None, :]
 
 
 class PlainLoRA(nn.Module):

@@ -1,0 +1,97 @@
+"""Operations that LoRA conditioning adds to a network: the device-independent side of its overhead.
+
+    python benchmarks/op_count.py [--family nano edm iddpm] [--batch 2]
+
+On a GPU, an eager step of a network that is small for its batch is bound by launching kernels: every
+ATen operation costs host time, whatever arithmetic it does. This script counts the operations (each
+non-view ATen call, through a TorchDispatchMode; nothing is timed) of each family's baseline and LoRA preset
+(nano: mnist-nano-baseline / mnist-nano; edm: EDM DDPM++ CIFAR-10 / UC-LoRA m 18 r 4; iddpm: IDDPM CIFAR-10
+class-conditional / TimeLoRA + ClassLoRA) in a training step's forward (the family's loss) and backward and
+in one sampling call at a shared condition (every LoRA layer on its merged path), and prints the operations
+added per LoRA layer. Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
+the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from condlora.conditions import Conditions
+from condlora.diffusion import process_for
+from condlora.lora import conditioned_layers
+from condlora.nets import build_network
+from condlora.presets import build_config
+
+FAMILIES = {  # baseline preset, LoRA preset, overrides, image shape, a noise level of the family's network
+    "nano": ("mnist-nano-baseline", "mnist-nano", {}, (1, 28, 28), 500),
+    "edm": ("edm-cifar10-uncond", "edm-cifar10-uncond-uc-lora", {"edm": {"augment": 0.0}}, (3, 32, 32), 2.5),
+    "iddpm": ("iddpm-cifar10-cond", "iddpm-cifar10-cond-lora", {}, (3, 32, 32), 1000),
+}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the non-view ATen operations run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 0 if func.is_view else 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn: Callable[[], object]) -> tuple[int, object]:
+    with CountOps() as counter:
+        out = fn()
+    return counter.count, out
+
+
+def count(preset: str, overrides: dict, shape: tuple[int, ...], level: float, batch: int) -> tuple[list[int], int]:
+    """([forward, backward, sampling call] operation counts, number of LoRA layers) of one preset."""
+    torch.manual_seed(0)
+    cfg = build_config(preset, overrides)
+    net, process = build_network(cfg), process_for(cfg)
+    x = torch.randn(batch, *shape)
+    labels = torch.arange(batch) % cfg.model.num_classes if cfg.model.num_classes else None
+    generator = torch.Generator().manual_seed(0)
+
+    def loss() -> torch.Tensor:
+        return process.loss(net, x, Conditions(labels=labels), generator)["loss"].mean()
+
+    loss().backward()  # warm-up: lazy initialisations are not counted
+    net.zero_grad(set_to_none=True)  # as a training step does: gradients are stored, not accumulated
+    forward, value = _count(loss)
+    backward, _ = _count(value.backward)
+    net.eval()
+    shared = Conditions(labels=None if labels is None else torch.full_like(labels, 3), shared=True)
+    steps = torch.full((batch,), level)  # int64 steps for DDPM / IDDPM, float sigma for EDM
+    with torch.no_grad():
+        sampling, _ = _count(lambda: process.predict(net, x, steps, shared))
+    return [forward, backward, sampling], len(list(conditioned_layers(net)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, operation counts (device-independent), batch {args.batch}")
+    for family in args.family:
+        base_preset, lora_preset, overrides, shape, level = FAMILIES[family]
+        base, _ = count(base_preset, overrides, shape, level, args.batch)
+        lora, layers = count(lora_preset, overrides, shape, level, args.batch)
+        print(f"{family}: {lora_preset} ({layers} LoRA layers) / {base_preset}")
+        for what, b, n in zip(("training forward", "training backward", "sampling call"), base, lora, strict=True):
+            print(f"  {what:<18} baseline {b:5d}   LoRA {n:5d}   +{n - b:4d} ({(n - b) / layers:.1f} per LoRA layer)")
+        step = (lora[0] + lora[1]) / (base[0] + base[1])
+        print(f"ratio {family} operations per training step  LoRA / baseline  {step:.3f}")
+        print(f"ratio {family} operations per sampling call  LoRA / baseline  {lora[2] / base[2]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
