@@ -18,12 +18,12 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from condlora.conditions import Conditions
 from condlora.diffusion import process_for
 from condlora.lora import conditioned_layers
 from condlora.nets import build_network
+from condlora.ops import CountOps
 from condlora.presets import build_config
 
 FAMILIES = {  # baseline preset, LoRA preset, overrides, image shape, a noise level of the family's network
@@ -31,18 +31,6 @@ FAMILIES = {  # baseline preset, LoRA preset, overrides, image shape, a noise le
     "edm": ("edm-cifar10-uncond", "edm-cifar10-uncond-uc-lora", {"edm": {"augment": 0.0}}, (3, 32, 32), 2.5),
     "iddpm": ("iddpm-cifar10-cond", "iddpm-cifar10-cond-lora", {}, (3, 32, 32), 1000),
 }
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the non-view ATen operations run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view else 1
-        return func(*args, **(kwargs or {}))
 
 
 def _count(fn: Callable[[], object]) -> tuple[int, object]:

@@ -2,11 +2,12 @@
 
     python benchmarks/run_all.py [--device cpu|cuda] [--out benchmarks/results-<device>.md] [--quick]
 
-Runs lora_overhead.py (the nano U-Net), paper_overhead.py for EDM and IDDPM, sampling_throughput.py and
-autolora_overhead.py in turn, each in its own process, keeps every "ratio ..." and "... images/s" line they
-print, and writes them with the device line and the date. `--quick` narrows the papers' networks to 32
-channels and small batches (for a laptop CPU); without it the paper figures use the CIFAR-10 width at batch
-64 and 128, and sampling throughput runs at batch 512 with the CIFAR-10 presets added.
+Runs lora_overhead.py (the nano U-Net), paper_overhead.py for EDM and IDDPM, sampling_throughput.py,
+autolora_overhead.py and op_count.py in turn, each in its own process, keeps every "ratio ..." and
+"... images/s" line they print, and writes them with the device line and the date. `--quick` narrows the
+papers' networks to 32 channels and small batches (for a laptop CPU); without it the paper figures use the
+CIFAR-10 width at batch 64 and 128, and sampling throughput runs at batch 512 with the CIFAR-10 presets
+added.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def _jobs(device: str, quick: bool) -> list[tuple[str, list[str]]]:
         ("IDDPM, TimeLoRA + ClassLoRA", ["paper_overhead.py", "--family", "iddpm", "--device", device, *narrow]),
         ("sampling throughput", ["sampling_throughput.py", "--device", device, *throughput]),
         ("AutoLoRA guidance", ["autolora_overhead.py", "--device", device]),
+        ("operations LoRA adds (device-independent)", ["op_count.py"]),
     ]
 
 

@@ -29,6 +29,7 @@ from condlora.lora import (
     unmerge_lora,
 )
 from condlora.lora.layer import grouped_omegas
+from condlora.ops import CountOps
 
 T, C, D = 50, 4, 16
 
@@ -153,16 +154,6 @@ def test_grouped_omegas_equal_each_layers_own_with_gradients(stack_limit, monkey
 
 def test_grouped_uc_lora_costs_the_same_operations_for_any_number_of_layers():
     """The point of grouping: the operations that compute omega do not grow with the number of layers."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 0 if func.is_view else 1
-            return func(*args, **(kwargs or {}))
 
     def ops(num_layers: int) -> int:
         layers = [ConditionedLoRA(_base("linear"), _strategies("uc"), rank=2) for _ in range(num_layers)]

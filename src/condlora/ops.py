@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -22,3 +23,16 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the non-view ATen operations run inside it (`with CountOps() as ops: ...; ops.count`): on a GPU
+    each is one kernel launch or more, what an eager step bound by launching kernels pays for."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 0 if func.is_view else 1
+        return func(*args, **(kwargs or {}))

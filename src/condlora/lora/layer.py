@@ -217,8 +217,8 @@ class ConditionedLoRA(nn.Module):
         weight = torch.addmm(self._base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i
         bias = self.base_layer.bias
         if self.basis_bias is not None:
-            extra = omega.repeat_interleave(self.rank) @ self.basis_bias
-            bias = extra if bias is None else bias + extra
+            scale = omega.repeat_interleave(self.rank)
+            bias = scale @ self.basis_bias if bias is None else torch.addmv(bias, self.basis_bias.mT, scale)
         return self._project(x, weight, bias)
 
     def _base_weight(self) -> torch.Tensor:

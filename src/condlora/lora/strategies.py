@@ -192,7 +192,10 @@ class UCMLP(nn.Module):
         return self.mlp(_require(cond.embedding, "embedding", "UC-LoRA"))  # (B, m)
 
     def group_key(self) -> tuple:
-        return tuple((type(m), *(p.shape for p in m.parameters()), getattr(m, "num_groups", 0)) for m in self.mlp)
+        return tuple(
+            (type(m), *(p.shape for p in m.parameters()), getattr(m, "num_groups", 0), getattr(m, "eps", 0))
+            for m in self.mlp
+        )
 
     @staticmethod
     def grouped(mlps: list[UCMLP], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
