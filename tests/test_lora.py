@@ -152,6 +152,22 @@ def test_grouped_omegas_equal_each_layers_own_with_gradients(stack_limit, monkey
         assert torch.allclose(g_grouped, g_own, atol=1e-10)
 
 
+def test_a_strategy_subclass_with_its_own_forward_is_not_grouped_with_its_parents_form():
+    class Doubled(UCMLP):
+        def forward(self, cond, x=None):
+            return 2 * super().forward(cond, x)
+
+    layers = [ConditionedLoRA(_base("linear"), {"uc": cls(D, 5, (8, 8))}, rank=2) for cls in (Doubled, Doubled, UCMLP)]
+    _randomise(layers[0])
+    cond = Conditions(embedding=torch.randn(3, D))
+    x = _input("linear", 3)
+    grouped = grouped_omegas(layers, cond)
+    assert grouped[0] is None and grouped[1] is None  # computed by the layers themselves, with their forward
+    assert torch.allclose(grouped[2], layers[2].omega(cond, x), atol=1e-6)
+    with bind_conditions(layers, cond):
+        assert torch.allclose(layers[0](x), _naive(layers[0], x, cond), atol=1e-5)
+
+
 def test_grouped_uc_lora_costs_the_same_operations_for_any_number_of_layers():
     """The point of grouping: the operations that compute omega do not grow with the number of layers."""
 

@@ -50,6 +50,13 @@ def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torc
     return omegas
 
 
+def _has_grouped_form(strategy: type) -> bool:
+    """Whether the class that defines the strategy's `forward` also defines `grouped` (a subclass that
+    changes `forward` must not inherit a grouped form that computes its parent's omega)."""
+    owner = next(cls for cls in strategy.__mro__ if "forward" in vars(cls))
+    return "grouped" in vars(owner)
+
+
 def layer_shape(base: nn.Module) -> tuple[int, int, int]:
     """(C_in, C_out, channel dim) of a supported base layer, else a clear error."""
     if isinstance(base, nn.Linear):
@@ -127,7 +134,7 @@ class ConditionedLoRA(nn.Module):
         (a strategy reads the input or has no grouped form)."""
         parts = []
         for name, strategy in self.strategies.items():
-            if getattr(strategy, "reads_input", False) or not hasattr(strategy, "grouped"):
+            if getattr(strategy, "reads_input", False) or not _has_grouped_form(type(strategy)):
                 return None
             parts.append((name, type(strategy), strategy.group_key()))
         return tuple(parts), self.scaling, self.lora_down.dtype, self.lora_down.device
