@@ -16,6 +16,8 @@ then only projects.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,9 +52,11 @@ def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torc
     return omegas
 
 
+@functools.cache
 def _has_grouped_form(strategy: type) -> bool:
     """Whether the class that defines the strategy's `forward` also defines `grouped` (a subclass that
-    changes `forward` must not inherit a grouped form that computes its parent's omega)."""
+    changes `forward` must not inherit a grouped form that computes its parent's omega). Strategies that
+    read the layer's input have no grouped form."""
     owner = next(cls for cls in strategy.__mro__ if "forward" in vars(cls))
     return "grouped" in vars(owner)
 
@@ -131,13 +135,14 @@ class ConditionedLoRA(nn.Module):
 
     def group_key(self) -> tuple | None:
         """Layers with equal keys compute their omegas together (`grouped_omegas`); None: this one cannot
-        (a strategy reads the input or has no grouped form)."""
+        (a strategy has no grouped form, e.g. it reads the input)."""
         parts = []
         for name, strategy in self.strategies.items():
-            if getattr(strategy, "reads_input", False) or not _has_grouped_form(type(strategy)):
+            if not _has_grouped_form(type(strategy)):
                 return None
             parts.append((name, type(strategy), strategy.group_key()))
-        return tuple(parts), self.scaling, self.lora_down.dtype, self.lora_down.device
+        down = self.lora_down
+        return tuple(parts), self.scaling, down.dtype, down.device
 
     def _with_channels(self, shape: torch.Size, part: torch.Tensor) -> list[int]:
         """`shape` with its channel dimension set to the number of bases of `part`."""

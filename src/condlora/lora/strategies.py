@@ -187,15 +187,13 @@ class UCMLP(nn.Module):
             width_in = width
         layers.append(nn.Linear(width_in, num_bases))
         self.mlp = nn.Sequential(*layers)
+        self.sizes = (embedding_dim, tuple(widths), num_bases)
 
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.mlp(_require(cond.embedding, "embedding", "UC-LoRA"))  # (B, m)
 
     def group_key(self) -> tuple:
-        return tuple(
-            (type(m), *(p.shape for p in m.parameters()), getattr(m, "num_groups", 0), getattr(m, "eps", 0))
-            for m in self.mlp
-        )
+        return self.sizes
 
     @staticmethod
     def grouped(mlps: list[UCMLP], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
@@ -204,22 +202,25 @@ class UCMLP(nn.Module):
         channels alone) followed by the stacked per-channel affine."""
         v = _require(cond.embedding, "embedding", "UC-LoRA")
         h = v.expand(len(mlps), *v.shape)  # (L, B, D)
-        for k, module in enumerate(mlps[0].mlp):
+        for modules in zip(*(m.mlp._modules.values() for m in mlps), strict=True):  # module k of every MLP
+            module = modules[0]
             if isinstance(module, nn.Linear):  # as (W h^T + b)^T: the weights' gradients come out in their layout
-                h = torch.baddbmm(_stacked(mlps, k, "bias").mT, _stacked(mlps, k, "weight"), h.mT).mT  # (L, B, width)
+                weight, bias = _stacked(modules)
+                h = torch.baddbmm(bias[:, :, None], weight, h.mT).mT  # (L, B, width)
             elif isinstance(module, nn.GroupNorm):
+                weight, bias = _stacked(modules)
                 groups = h.unflatten(-1, (module.num_groups, -1))
                 normed = F.layer_norm(groups, groups.shape[-1:], eps=module.eps).flatten(-2)
-                h = torch.addcmul(_stacked(mlps, k, "bias"), normed, _stacked(mlps, k, "weight"))
+                h = torch.addcmul(bias[:, None, :], normed, weight[:, None, :])
             else:
                 h = module(h)  # the activation
         return h  # (L, B, m)
 
 
-def _stacked(mlps: list[UCMLP], k: int, name: str) -> torch.Tensor:
-    """Parameter `name` of module k of every MLP, stacked: (L, out, in) for weights, (L, 1, out) for vectors."""
-    stacked = torch.stack([getattr(m.mlp[k], name) for m in mlps])
-    return stacked if stacked.dim() == 3 else stacked[:, None, :]
+def _stacked(modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights and the biases of alike modules, each stacked along a new first dimension."""
+    params = [m._parameters for m in modules]  # the dicts themselves: one lookup per module, not per name
+    return torch.stack([p["weight"] for p in params]), torch.stack([p["bias"] for p in params])
 
 
 class PlainLoRA(nn.Module):
