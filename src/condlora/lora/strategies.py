@@ -202,7 +202,7 @@ class UCMLP(nn.Module):
         channels alone) followed by the stacked per-channel affine."""
         v = _require(cond.embedding, "embedding", "UC-LoRA")
         h = v.expand(len(mlps), *v.shape)  # (L, B, D)
-        for modules in zip(*(m.mlp._modules.values() for m in mlps), strict=True):  # module k of every MLP
+        for modules in zip(*(m.mlp for m in mlps), strict=True):  # module k of every MLP
             module = modules[0]
             if isinstance(module, nn.Linear):  # as (W h^T + b)^T: the weights' gradients come out in their layout
                 weight, bias = _stacked(modules)
@@ -219,8 +219,7 @@ class UCMLP(nn.Module):
 
 def _stacked(modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights and the biases of alike modules, each stacked along a new first dimension."""
-    params = [m._parameters for m in modules]  # the dicts themselves: one lookup per module, not per name
-    return torch.stack([p["weight"] for p in params]), torch.stack([p["bias"] for p in params])
+    return torch.stack([m.weight for m in modules]), torch.stack([m.bias for m in modules])
 
 
 class PlainLoRA(nn.Module):
