@@ -28,7 +28,7 @@ from condlora.lora import (
     strategies,
     unmerge_lora,
 )
-from condlora.lora.layer import grouped_omegas
+from condlora.lora.layer import grouped_bias_terms, grouped_omegas
 from condlora.ops import CountOps
 
 T, C, D = 50, 4, 16
@@ -150,6 +150,52 @@ def test_grouped_omegas_equal_each_layers_own_with_gradients(stack_limit, monkey
     plain = layers[-1].omega(cond, _input("linear", 5).double())
     for g_grouped, g_own in zip(loss_and_grads([*grouped[:-1], plain]), loss_and_grads([*own, plain]), strict=True):
         assert torch.allclose(g_grouped, g_own, atol=1e-10)
+
+
+def test_grouped_bias_terms_equal_the_per_basis_sum_with_gradients():
+    """sum_i omega_i b_i for layers of two output widths, with and without a per-basis bias, in one call,
+    against the sum over bases written out (float64), gradients included."""
+    torch.manual_seed(0)
+    layers = [
+        ConditionedLoRA(nn.Linear(12, width), _strategies("uc"), rank=3, basis_bias=bias).double()
+        for width in (10, 6, 10, 6)
+        for bias in (True, False)
+    ]
+    for layer in layers:
+        _randomise(layer)
+    cond = Conditions(embedding=torch.randn(4, D, dtype=torch.float64))
+    omegas = grouped_omegas(layers, cond)
+    terms = grouped_bias_terms(layers, omegas)
+    assert [t is None for t in terms] == [layer.basis_bias is None for layer in layers]
+    biased = [
+        (layer, omega, term) for layer, omega, term in zip(layers, omegas, terms, strict=True) if term is not None
+    ]
+    expected = [
+        sum(omega[:, j, None] * layer.basis_bias[j * 3 : (j + 1) * 3].sum(0) for j in range(layer.num_bases))
+        for layer, omega, _ in biased
+    ]
+    params = [p for layer, _, _ in biased for p in (layer.basis_bias, *layer.strategies.parameters())]
+    weights = [torch.randn_like(e) for e in expected]
+    grads = [
+        torch.autograd.grad(sum((t * w).sum() for t, w in zip(ts, weights, strict=True)), params, retain_graph=True)
+        for ts in ([t for _, _, t in biased], expected)
+    ]
+    for (_, _, term), e in zip(biased, expected, strict=True):
+        assert torch.allclose(term, e, atol=1e-12)
+    for g_grouped, g_own in zip(*grads, strict=True):
+        assert torch.allclose(g_grouped, g_own, atol=1e-10)
+
+
+def test_a_merged_layer_with_per_basis_bias_stays_right_under_binding():
+    layer = ConditionedLoRA(_base("conv2d"), _strategies("uc"), rank=2, basis_bias=True)
+    _randomise(layer)
+    x, cond = _input("conv2d", 4), _conditions(4)
+    layer.conditions = cond
+    expected = _naive(layer, x, cond)
+    layer.conditions = None
+    layer.merge(_conditions(4, shared=True))  # another condition folded into the weights
+    with bind_conditions([layer], cond):  # the bias term computed at binding would be for the whole omega
+        assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
 def test_a_strategy_subclass_with_its_own_forward_is_not_grouped_with_its_parents_form():

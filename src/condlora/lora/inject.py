@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.layer import ConditionedLoRA, grouped_omegas
+from condlora.lora.layer import ConditionedLoRA, grouped_bias_terms, grouped_omegas
 from condlora.lora.spec import LoRASpec
 
 StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]
@@ -87,16 +87,20 @@ def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]
 @contextmanager
 def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditions) -> Iterator[None]:
     """Give `cond` to every conditioned layer of `model` (or to the given layers) for the enclosed call(s),
-    then take it back. The layers' omegas for `cond` are computed here, together (`grouped_omegas`)."""
+    then take it back. The layers' omegas for `cond` (and per-basis bias terms) are computed here, together
+    (`grouped_omegas`, `grouped_bias_terms`)."""
     layers = [layer for _, layer in conditioned_layers(model)] if isinstance(model, nn.Module) else list(model)
-    previous = [(layer.conditions, layer.omega_of_call) for layer in layers]
-    for layer, omega in zip(layers, grouped_omegas(layers, cond), strict=True):
-        layer.conditions, layer.omega_of_call = cond, omega
+    previous = [(layer.conditions, layer.omega_of_call, layer.bias_of_call) for layer in layers]
+    omegas = grouped_omegas(layers, cond)
+    # a shared call takes the merged path, which folds the bias into the merged one itself
+    terms = [None] * len(layers) if cond.shared else grouped_bias_terms(layers, omegas)
+    for layer, omega, term in zip(layers, omegas, terms, strict=True):
+        layer.conditions, layer.omega_of_call, layer.bias_of_call = cond, omega, term
     try:
         yield
     finally:
-        for layer, (prev, prev_omega) in zip(layers, previous, strict=True):
-            layer.conditions, layer.omega_of_call = prev, prev_omega
+        for layer, state in zip(layers, previous, strict=True):
+            layer.conditions, layer.omega_of_call, layer.bias_of_call = state
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -52,6 +52,24 @@ def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torc
     return omegas
 
 
+def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """sum_i omega_i b_i (B, C_out) of each layer with a per-basis bias whose omega is given, for layers of
+    one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (layer, omega) in enumerate(zip(layers, omegas, strict=True)):
+        if layer.basis_bias is not None and omega is not None:
+            bias = layer.basis_bias
+            groups.setdefault((bias.shape, layer.rank, bias.dtype, bias.device), []).append(i)
+    terms: list[torch.Tensor | None] = [None] * len(layers)
+    for indices in groups.values():
+        rank = layers[indices[0]].rank
+        scale = torch.stack([omegas[i] for i in indices]).repeat_interleave(rank, dim=-1)  # (L, B, r*M)
+        stacked = torch.bmm(scale, torch.stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
+        for i, term in zip(indices, stacked.unbind(0), strict=True):
+            terms[i] = term
+    return terms
+
+
 @functools.cache
 def _has_grouped_form(strategy: type) -> bool:
     """Whether the class that defines the strategy's `forward` also defines `grouped` (a subclass that
@@ -117,6 +135,7 @@ class ConditionedLoRA(nn.Module):
         self.basis_bias = nn.Parameter(torch.zeros(width, self.c_out)) if basis_bias else None
         self.conditions: Conditions | None = None
         self.omega_of_call: torch.Tensor | None = None  # this call's omega when computed with other layers'
+        self.bias_of_call: torch.Tensor | None = None  # and its per-basis bias term (B, C_out), likewise
         self.merged = False
 
     def omega(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +224,9 @@ class ConditionedLoRA(nn.Module):
         dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
         h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
         out = self.base_layer(x) + self._project(self._weigh(h, omega), self.lora_up)
-        if self.basis_bias is not None:
+        if self.bias_of_call is not None and not self.merged:  # (a merged layer's omega is a difference)
+            out = out + self._broadcast(self.bias_of_call.to(out.dtype), x)
+        elif self.basis_bias is not None:
             scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
             if scale.dim() == 2:
                 out = out + self._broadcast(scale @ self.basis_bias, x)  # (B, C_out) per sample
