@@ -29,13 +29,8 @@ def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torc
     """Each layer's omega for a call with `cond` (what `layer.omega` gives), computed for all layers with equal
     `group_key` at once: a few operations per group instead of a few per layer. None for a layer that
     computes its own (its strategies read the input, or have no grouped form)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, layer in enumerate(layers):
-        key = layer.group_key()
-        if key is not None:
-            groups.setdefault(key, []).append(i)
     omegas: list[torch.Tensor | None] = [None] * len(layers)
-    for indices in groups.values():
+    for indices in _groups([layer.group_key() for layer in layers]):
         members = [layers[i] for i in indices]
         first, dtype = members[0], members[0].lora_down.dtype
         parts = [
@@ -55,19 +50,29 @@ def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torc
 def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """sum_i omega_i b_i (B, C_out) of each layer with a per-basis bias whose omega is given, for layers of
     one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (layer, omega) in enumerate(zip(layers, omegas, strict=True)):
-        if layer.basis_bias is not None and omega is not None:
-            bias = layer.basis_bias
-            groups.setdefault((bias.shape, layer.rank, bias.dtype, bias.device), []).append(i)
+    keys = [
+        None
+        if layer.basis_bias is None or omega is None
+        else (layer.basis_bias.shape, layer.rank, layer.basis_bias.dtype, layer.basis_bias.device)
+        for layer, omega in zip(layers, omegas, strict=True)
+    ]
     terms: list[torch.Tensor | None] = [None] * len(layers)
-    for indices in groups.values():
+    for indices in _groups(keys):
         rank = layers[indices[0]].rank
         scale = torch.stack([omegas[i] for i in indices]).repeat_interleave(rank, dim=-1)  # (L, B, r*M)
         stacked = torch.bmm(scale, torch.stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
         for i, term in zip(indices, stacked.unbind(0), strict=True):
             terms[i] = term
     return terms
+
+
+def _groups(keys: list[tuple | None]) -> list[list[int]]:
+    """The indices of equal keys, one list per distinct key in order of first appearance; None joins no group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 @functools.cache
