@@ -28,7 +28,8 @@ from condlora.lora import (
     strategies,
     unmerge_lora,
 )
-from condlora.lora.layer import grouped_bias_terms, grouped_omegas
+from condlora.lora import layer as layer_module
+from condlora.lora.layer import grouped_bias_terms, grouped_merged_weights, grouped_omegas
 from condlora.ops import CountOps
 
 T, C, D = 50, 4, 16
@@ -97,6 +98,7 @@ def _naive(layer: ConditionedLoRA, x: torch.Tensor, cond: Conditions) -> torch.T
     return torch.cat(outs)
 
 
+KINDS_LAYOUTS = ["linear", "conv1d", "conv2d"]
 KINDS = ["time_fixed", "time_noncomp", "time_train_gaussian", "class", "class_comp", "uc", "time_and_class"]
 
 
@@ -184,6 +186,95 @@ def test_grouped_bias_terms_equal_the_per_basis_sum_with_gradients():
         assert torch.allclose(term, e, atol=1e-12)
     for g_grouped, g_own in zip(*grads, strict=True):
         assert torch.allclose(g_grouped, g_own, atol=1e-10)
+
+
+def _merged_written_out(layer: ConditionedLoRA, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W + sum_i omega_i B_i A_i and b + sum_i omega_i b_i for one omega (M,), basis by basis."""
+    weight, bias = layer.base_layer.weight.reshape(layer.c_out, layer.c_in), layer.base_layer.bias
+    for j in range(layer.num_bases):
+        rows = slice(j * layer.rank, (j + 1) * layer.rank)
+        weight = weight + omega[j] * layer.lora_up[:, rows] @ layer.lora_down[rows]
+        if layer.basis_bias is not None:
+            term = omega[j] * layer.basis_bias[rows].sum(0)
+            bias = term if bias is None else bias + term
+    return weight, bias
+
+
+@pytest.mark.parametrize(("merge_limit", "left_over"), [(layer_module.MERGE_LIMIT, 0), (2 * 10 * 12, 4)])
+def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit, left_over, monkeypatch):
+    """A shared call over layers of every layout, with and without (per-basis) biases, and layers that must
+    merge their own (a lone shape, a merged layer, dropout in training, no grouped omega): the weights and
+    biases merged together, and their gradients, are those written out basis by basis (float64)."""
+    monkeypatch.setattr(layer_module, "MERGE_LIMIT", merge_limit)
+    torch.manual_seed(0)
+    layers = [
+        ConditionedLoRA(_base(layout), _strategies(kind), rank=3, alpha=6.0, basis_bias=basis_bias)
+        for kind in ("time_and_class", "uc")
+        for basis_bias in (False, True)
+        for layout in ("linear", "conv1d", "conv2d")
+    ]
+    no_bias = [nn.Linear(12, 10, bias=False) for _ in range(2)]
+    layers += [ConditionedLoRA(base, _strategies("uc"), rank=3, basis_bias=True) for base in no_bias]
+    alone = [
+        ConditionedLoRA(nn.Linear(12, 6), _strategies("uc"), rank=3),  # the only layer of its shape
+        ConditionedLoRA(_base("linear"), _strategies("uc"), rank=3),  # merged below
+        ConditionedLoRA(_base("linear"), _strategies("uc"), rank=3, dropout=0.5),  # in training
+        ConditionedLoRA(_base("linear"), {"plain": PlainLoRA()}, rank=3),  # computes its own omega
+    ]
+    for layer in [*layers, *alone]:
+        _randomise(layer)
+        layer.double()
+    cond = _conditions(4, shared=True)
+    cond = cond.replace(embedding=cond.embedding.double(), lora_scale=torch.full((4,), 0.5, dtype=torch.float64))
+    alone[1].merge(cond)
+    layers = [*layers, *alone]
+    merged = grouped_merged_weights(layers, grouped_omegas(layers, cond))
+    # in stacks of two, the third layer of each of the 4 trios of one shape is left to merge its own
+    assert sum(m is None for m in merged) == len(alone) + left_over
+    pairs = [(layer, m) for layer, m in zip(layers, merged, strict=True) if m is not None]
+    expected = [_merged_written_out(layer, layer.omega(cond, _input("linear", 4).double())[0]) for layer, _ in pairs]
+    for (_, (weight, bias)), (weight_expected, bias_expected) in zip(pairs, expected, strict=True):
+        assert torch.allclose(weight, weight_expected, atol=1e-12)
+        assert (bias is None) == (bias_expected is None)
+        assert bias is None or torch.allclose(bias, bias_expected, atol=1e-12)
+    tensors = [[t for pair in ms for t in pair if t is not None] for ms in ([m for _, m in pairs], expected)]
+    weights = [torch.randn_like(t) for t in tensors[0]]
+    params = list(dict.fromkeys(p for layer, _ in pairs for p in layer.parameters()))
+    grads = [
+        torch.autograd.grad(sum((t * w).sum() for t, w in zip(ts, weights, strict=True)), params, allow_unused=True)
+        for ts in tensors
+    ]
+    for g_grouped, g_own in zip(*grads, strict=True):
+        assert (g_grouped is None) == (g_own is None)
+        assert g_grouped is None or torch.allclose(g_grouped, g_own, atol=1e-10)
+
+
+def test_a_shared_call_merges_layers_of_one_shape_together_and_matches_the_reference():
+    layers = [ConditionedLoRA(_base(layout), _strategies("uc"), rank=2, basis_bias=True) for layout in KINDS_LAYOUTS]
+    for layer in layers:
+        _randomise(layer)
+    cond = _conditions(4, shared=True)
+    inputs = [_input(layout, 4) for layout in KINDS_LAYOUTS]
+    with bind_conditions(layers, cond):
+        assert all(layer.weight_of_call is not None for layer in layers)
+        outs = [layer(x) for layer, x in zip(layers, inputs, strict=True)]
+    for layer, x, out in zip(layers, inputs, outs, strict=True):
+        assert layer.weight_of_call is None  # bound for the call only
+        assert torch.allclose(out, _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
+
+
+def test_merging_layers_of_one_shape_costs_the_same_operations_for_any_number_of_layers():
+    def ops(num_layers: int) -> int:
+        layers = [
+            ConditionedLoRA(_base("linear"), _strategies("uc"), rank=2, basis_bias=True) for _ in range(num_layers)
+        ]
+        omegas = grouped_omegas(layers, _conditions(3, shared=True))
+        with CountOps() as counter:
+            merged = grouped_merged_weights(layers, omegas)
+        assert all(m is not None for m in merged)
+        return counter.count
+
+    assert ops(2) == ops(7) > 0
 
 
 def test_a_merged_layer_with_per_basis_bias_stays_right_under_binding():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,13 +27,14 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class CountOps(TorchDispatchMode):
-    """Counts the non-view ATen operations run inside it (`with CountOps() as ops: ...; ops.count`): on a GPU
-    each is one kernel launch or more, what an eager step bound by launching kernels pays for."""
+    """Counts the ATen operations run inside it that do work (`with CountOps() as ops: ...; ops.count`): on a
+    GPU each is one kernel launch or more, what an eager step bound by launching kernels pays for. Views are
+    not counted, nor `_unsafe_view` (the view that reshape returns for a fresh tensor)."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view else 1
+        self.count += 0 if func.is_view or func is torch.ops.aten._unsafe_view.default else 1
         return func(*args, **(kwargs or {}))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.layer import ConditionedLoRA, grouped_bias_terms, grouped_omegas
+from condlora.lora.layer import ConditionedLoRA, grouped_bias_terms, grouped_merged_weights, grouped_omegas
 from condlora.lora.spec import LoRASpec
 
 StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]
@@ -87,20 +87,22 @@ def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]
 @contextmanager
 def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditions) -> Iterator[None]:
     """Give `cond` to every conditioned layer of `model` (or to the given layers) for the enclosed call(s),
-    then take it back. The layers' omegas for `cond` (and per-basis bias terms) are computed here, together
-    (`grouped_omegas`, `grouped_bias_terms`)."""
+    then take it back. The layers' omegas for `cond` are computed here, together (`grouped_omegas`), and so
+    are their per-basis bias terms (`grouped_bias_terms`) or, when the samples share one condition, their
+    merged weights (`grouped_merged_weights`)."""
     layers = [layer for _, layer in conditioned_layers(model)] if isinstance(model, nn.Module) else list(model)
-    previous = [(layer.conditions, layer.omega_of_call, layer.bias_of_call) for layer in layers]
+    previous = [(layer.conditions, layer.omega_of_call, layer.bias_of_call, layer.weight_of_call) for layer in layers]
     omegas = grouped_omegas(layers, cond)
-    # a shared call takes the merged path, which folds the bias into the merged one itself
-    terms = [None] * len(layers) if cond.shared else grouped_bias_terms(layers, omegas)
-    for layer, omega, term in zip(layers, omegas, terms, strict=True):
-        layer.conditions, layer.omega_of_call, layer.bias_of_call = cond, omega, term
+    nothing = [None] * len(layers)
+    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas)  # a merged bias holds its term
+    merged = grouped_merged_weights(layers, omegas) if cond.shared else nothing
+    for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
+        layer.bind(cond, omega, term, weight)
     try:
         yield
     finally:
         for layer, state in zip(layers, previous, strict=True):
-            layer.conditions, layer.omega_of_call, layer.bias_of_call = state
+            layer.bind(*state)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

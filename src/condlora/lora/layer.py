@@ -11,7 +11,8 @@ host: which path runs depends only on Python-level facts.
 
 A network's layers usually carry alike strategies (the same table sizes, the same MLP widths): binding the
 conditions of a call (`bind_conditions`) computes their omegas together (`grouped_omegas`), and each layer
-then only projects.
+then only projects; when the call's samples share one condition, the merged weights of layers of one shape
+are computed together too (`grouped_merged_weights`), and each layer runs one projection, as its base does.
 """
 
 from __future__ import annotations
@@ -64,6 +65,49 @@ def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor 
         for i, term in zip(indices, stacked.unbind(0), strict=True):
             terms[i] = term
     return terms
+
+
+MERGE_LIMIT = 1 << 22  # elements: weights of one shape are merged together in stacks of up to this size
+
+
+def grouped_merged_weights(
+    layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]
+) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """For a call whose samples share one condition: each layer's merged weight W + sum_i omega_i B_i A_i
+    (C_out, C_in) and bias (its base bias plus sum_i omega_i b_i with a per-basis bias), computed for layers of
+    one shape at once: a few operations per shape instead of a few per layer. None for a layer that merges
+    its own: its omega is its own, it holds a merged delta, it drops its input in training, or its weights
+    are large (a stack over MERGE_LIMIT elements would only copy weights whose product is not launch-bound)."""
+    keys = [None if omega is None else layer.merge_key() for layer, omega in zip(layers, omegas, strict=True)]
+    merged: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
+    for indices in _groups(keys):
+        first = layers[indices[0]]
+        per_stack = MERGE_LIMIT // (first.c_out * first.c_in)
+        for start in range(0, len(indices), max(per_stack, 1)):
+            part = indices[start : start + per_stack]
+            if len(part) < 2:  # nothing to share: the layer merges its own
+                continue
+            members = [layers[i] for i in part]
+            omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
+            up = torch.stack([m.lora_up for m in members]).unflatten(-1, (first.num_bases, first.rank))
+            weights = torch.baddbmm(
+                torch.stack([m.base_weight() for m in members]),
+                (up * omega[:, None, :, None].to(up.dtype)).flatten(-2),  # [omega_1 B_1 | ... | omega_M B_M]
+                torch.stack([m.lora_down for m in members]),
+            )  # (L, C_out, C_in)
+            biases = [m.base_layer.bias for m in members]
+            if first.basis_bias is not None:
+                scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
+                basis = torch.stack([m.basis_bias for m in members])  # (L, r*M, C_out)
+                stacked = (
+                    torch.bmm(scale, basis)
+                    if biases[0] is None
+                    else torch.baddbmm(torch.stack(biases)[:, None, :], scale, basis)
+                )
+                biases = list(stacked[:, 0].unbind(0))
+            for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
+                merged[i] = (weight, bias)
+    return merged
 
 
 def _groups(keys: list[tuple | None]) -> list[list[int]]:
@@ -141,7 +185,21 @@ class ConditionedLoRA(nn.Module):
         self.conditions: Conditions | None = None
         self.omega_of_call: torch.Tensor | None = None  # this call's omega when computed with other layers'
         self.bias_of_call: torch.Tensor | None = None  # and its per-basis bias term (B, C_out), likewise
+        self.weight_of_call: tuple[torch.Tensor, torch.Tensor | None] | None = None  # merged (weight, bias), likewise
         self.merged = False
+
+    def bind(
+        self,
+        cond: Conditions | None,
+        omega: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        weight: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> None:
+        """Hand the layer its conditions for a call, with what `bind_conditions` computed for it together with
+        other layers. Plain attributes, written without nn.Module's bookkeeping for parameters and submodules
+        (which none of them is): this runs twice per layer on every call, where host time is what a GPU
+        step bound by launching kernels pays."""
+        vars(self).update(conditions=cond, omega_of_call=omega, bias_of_call=bias, weight_of_call=weight)
 
     def omega(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
         """Mixing weights times the LoRA scale: (B, M), or per position in x's layout (x's shape with M channels)
@@ -168,6 +226,15 @@ class ConditionedLoRA(nn.Module):
         down = self.lora_down
         return tuple(parts), self.scaling, down.dtype, down.device
 
+    def merge_key(self) -> tuple | None:
+        """Layers with equal keys whose omegas are given merge their weights together for a shared call
+        (`grouped_merged_weights`); None: this one merges its own."""
+        if self.merged or (self.training and self.dropout):
+            return None
+        bias, weight = self.base_layer.bias, self.base_layer.weight
+        shape = (self.c_out, self.c_in, self.num_bases, self.rank)
+        return shape, weight.dtype, weight.device, bias is None, self.basis_bias is None
+
     def _with_channels(self, shape: torch.Size, part: torch.Tensor) -> list[int]:
         """`shape` with its channel dimension set to the number of bases of `part`."""
         sizes = list(shape)
@@ -189,6 +256,8 @@ class ConditionedLoRA(nn.Module):
             if self.merged:  # a layer merged for one condition serves it without conditions
                 return self.base_layer(x)
             raise RuntimeError("conditioned LoRA called without conditions; wrap the call in bind_conditions()")
+        if self.weight_of_call is not None:  # merged with the other layers of its shape for a shared call
+            return self._project(x, *self.weight_of_call)
         if cond.shared and self._routable(cond):
             parts = next(iter(self.strategies.values())).routed(cond, x)
             if parts is not None:
@@ -215,7 +284,7 @@ class ConditionedLoRA(nn.Module):
         down = self.lora_down.view(self.num_bases, self.rank, self.c_in)[index].reshape(-1, self.c_in)
         up = self.lora_up.view(self.c_out, self.num_bases, self.rank)[:, index].reshape(self.c_out, -1)
         scale = gates.repeat_interleave(self.rank, dim=self.channel_dim) * self.scaling
-        return out + self._project(self._project(x, down) * scale.to(x.dtype), up)
+        return self._add_projected(out, self._project(x, down) * scale.to(x.dtype), up)
 
     def _broadcast_merged(self, omega: torch.Tensor) -> torch.Tensor:
         merged = self._merged_omega.to(omega.dtype)
@@ -226,9 +295,11 @@ class ConditionedLoRA(nn.Module):
         return merged.reshape(shape)
 
     def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1:  # F.linear copies a strided input (transposed tokens): copy it once, for both
+            x = x.contiguous()
         dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
         h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
-        out = self.base_layer(x) + self._project(self._weigh(h, omega), self.lora_up)
+        out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
         if self.bias_of_call is not None and not self.merged:  # (a merged layer's omega is a difference)
             out = out + self._broadcast(self.bias_of_call.to(out.dtype), x)
         elif self.basis_bias is not None:
@@ -239,6 +310,12 @@ class ConditionedLoRA(nn.Module):
                 per_position = scale.movedim(self.channel_dim, -1) @ self.basis_bias
                 out = out + per_position.movedim(-1, self.channel_dim)
         return out
+
+    def _add_projected(self, out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """out + h projected by weight; channels last, one addmm does both."""
+        if self.channel_dim != -1:
+            return out + self._project(h, weight)
+        return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), weight.mT).view(out.shape)
 
     def _weigh(self, h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         """h's r*M adapter channels (basis-major, r per basis) times their basis's omega: per sample through a
@@ -252,14 +329,14 @@ class ConditionedLoRA(nn.Module):
         return (split * omega.reshape(shape)).flatten(dim, dim + 1)
 
     def _forward_merged(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        weight = torch.addmm(self._base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i
+        weight = torch.addmm(self.base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i
         bias = self.base_layer.bias
         if self.basis_bias is not None:
             scale = omega.repeat_interleave(self.rank)
             bias = scale @ self.basis_bias if bias is None else torch.addmv(bias, self.basis_bias.mT, scale)
         return self._project(x, weight, bias)
 
-    def _base_weight(self) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight.reshape(self.c_out, self.c_in)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
