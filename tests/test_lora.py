@@ -17,6 +17,7 @@ from condlora.lora import (
     TimeTable,
     basis_timesteps,
     bind_conditions,
+    grouping,
     inject_conditioned_lora,
     inject_lora,
     linear_interpolation_table,
@@ -28,8 +29,7 @@ from condlora.lora import (
     strategies,
     unmerge_lora,
 )
-from condlora.lora import layer as layer_module
-from condlora.lora.layer import grouped_bias_terms, grouped_merged_weights, grouped_omegas
+from condlora.lora.grouping import grouped_bias_terms, grouped_merged_weights, grouped_omegas
 from condlora.ops import CountOps
 
 T, C, D = 50, 4, 16
@@ -200,12 +200,12 @@ def _merged_written_out(layer: ConditionedLoRA, omega: torch.Tensor) -> tuple[to
     return weight, bias
 
 
-@pytest.mark.parametrize(("merge_limit", "left_over"), [(layer_module.MERGE_LIMIT, 0), (2 * 10 * 12, 4)])
+@pytest.mark.parametrize(("merge_limit", "left_over"), [(grouping.MERGE_LIMIT, 0), (2 * 10 * 12, 4)])
 def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit, left_over, monkeypatch):
     """A shared call over layers of every layout, with and without (per-basis) biases, and layers that must
     merge their own (a lone shape, a merged layer, dropout in training, no grouped omega): the weights and
     biases merged together, and their gradients, are those written out basis by basis (float64)."""
-    monkeypatch.setattr(layer_module, "MERGE_LIMIT", merge_limit)
+    monkeypatch.setattr(grouping, "MERGE_LIMIT", merge_limit)
     torch.manual_seed(0)
     layers = [
         ConditionedLoRA(_base(layout), _strategies(kind), rank=3, alpha=6.0, basis_bias=basis_bias)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.layer import ConditionedLoRA, grouped_bias_terms, grouped_merged_weights, grouped_omegas
+from condlora.lora.grouping import grouped_bias_terms, grouped_merged_weights, grouped_omegas
+from condlora.lora.layer import ConditionedLoRA
 from condlora.lora.spec import LoRASpec
 
 StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]

@@ -9,10 +9,9 @@ is ever built. When the caller vouches that every sample shares one condition (`
 weighted delta is merged into the base weight once for that call instead. No path reads a tensor on the
 host: which path runs depends only on Python-level facts.
 
-A network's layers usually carry alike strategies (the same table sizes, the same MLP widths): binding the
-conditions of a call (`bind_conditions`) computes their omegas together (`grouped_omegas`), and each layer
-then only projects; when the call's samples share one condition, the merged weights of layers of one shape
-are computed together too (`grouped_merged_weights`), and each layer runs one projection, as its base does.
+A network's layers usually carry alike strategies: binding the conditions of a call (`bind_conditions`)
+computes what alike layers need for it together (`condlora.lora.grouping`) and hands each layer its part
+(`ConditionedLoRA.bind`).
 """
 
 from __future__ import annotations
@@ -24,99 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
-
-
-def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torch.Tensor | None]:
-    """Each layer's omega for a call with `cond` (what `layer.omega` gives), computed for all layers with equal
-    `group_key` at once: a few operations per group instead of a few per layer. None for a layer that
-    computes its own (its strategies read the input, or have no grouped form)."""
-    omegas: list[torch.Tensor | None] = [None] * len(layers)
-    for indices in _groups([layer.group_key() for layer in layers]):
-        members = [layers[i] for i in indices]
-        first, dtype = members[0], members[0].lora_down.dtype
-        parts = [
-            type(strategy).grouped([m.strategies[name] for m in members], cond, dtype).to(dtype)
-            for name, strategy in first.strategies.items()
-        ]
-        omega = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (L, B, M)
-        if cond.lora_scale is not None:
-            omega = omega * cond.lora_scale.to(dtype)[None, :, None]
-        if first.scaling != 1.0:
-            omega = omega * first.scaling
-        for i, layer_omega in zip(indices, omega.unbind(0), strict=True):
-            omegas[i] = layer_omega
-    return omegas
-
-
-def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """sum_i omega_i b_i (B, C_out) of each layer with a per-basis bias whose omega is given, for layers of
-    one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere."""
-    keys = [
-        None
-        if layer.basis_bias is None or omega is None
-        else (layer.basis_bias.shape, layer.rank, layer.basis_bias.dtype, layer.basis_bias.device)
-        for layer, omega in zip(layers, omegas, strict=True)
-    ]
-    terms: list[torch.Tensor | None] = [None] * len(layers)
-    for indices in _groups(keys):
-        rank = layers[indices[0]].rank
-        scale = torch.stack([omegas[i] for i in indices]).repeat_interleave(rank, dim=-1)  # (L, B, r*M)
-        stacked = torch.bmm(scale, torch.stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
-        for i, term in zip(indices, stacked.unbind(0), strict=True):
-            terms[i] = term
-    return terms
-
-
-MERGE_LIMIT = 1 << 22  # elements: weights of one shape are merged together in stacks of up to this size
-
-
-def grouped_merged_weights(
-    layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]
-) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
-    """For a call whose samples share one condition: each layer's merged weight W + sum_i omega_i B_i A_i
-    (C_out, C_in) and bias (its base bias plus sum_i omega_i b_i with a per-basis bias), computed for layers of
-    one shape at once: a few operations per shape instead of a few per layer. None for a layer that merges
-    its own: its omega is its own, it holds a merged delta, it drops its input in training, or its weights
-    are large (a stack over MERGE_LIMIT elements would only copy weights whose product is not launch-bound)."""
-    keys = [None if omega is None else layer.merge_key() for layer, omega in zip(layers, omegas, strict=True)]
-    merged: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
-    for indices in _groups(keys):
-        first = layers[indices[0]]
-        per_stack = MERGE_LIMIT // (first.c_out * first.c_in)
-        for start in range(0, len(indices), max(per_stack, 1)):
-            part = indices[start : start + per_stack]
-            if len(part) < 2:  # nothing to share: the layer merges its own
-                continue
-            members = [layers[i] for i in part]
-            omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
-            up = torch.stack([m.lora_up for m in members]).unflatten(-1, (first.num_bases, first.rank))
-            weights = torch.baddbmm(
-                torch.stack([m.base_weight() for m in members]),
-                (up * omega[:, None, :, None].to(up.dtype)).flatten(-2),  # [omega_1 B_1 | ... | omega_M B_M]
-                torch.stack([m.lora_down for m in members]),
-            )  # (L, C_out, C_in)
-            biases = [m.base_layer.bias for m in members]
-            if first.basis_bias is not None:
-                scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
-                basis = torch.stack([m.basis_bias for m in members])  # (L, r*M, C_out)
-                stacked = (
-                    torch.bmm(scale, basis)
-                    if biases[0] is None
-                    else torch.baddbmm(torch.stack(biases)[:, None, :], scale, basis)
-                )
-                biases = list(stacked[:, 0].unbind(0))
-            for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
-                merged[i] = (weight, bias)
-    return merged
-
-
-def _groups(keys: list[tuple | None]) -> list[list[int]]:
-    """The indices of equal keys, one list per distinct key in order of first appearance; None joins no group."""
-    groups: dict[tuple, list[int]] = {}
-    for i, key in enumerate(keys):
-        if key is not None:
-            groups.setdefault(key, []).append(i)
-    return list(groups.values())
 
 
 @functools.cache

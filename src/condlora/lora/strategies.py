@@ -10,7 +10,7 @@ router), omega for every position in x's layout with num_bases channels; such a 
 A strategy whose omega depends on the conditions alone may also offer `group_key()` and
 `grouped(strategies, cond, dtype)`: the omegas (L, B, num_bases) of L alike strategies (equal keys), one per
 layer, in a few operations for the whole network instead of a few per layer (`grouped_omegas` in
-`condlora.lora.layer`). Where the network's step is bound by launching kernels (a GPU), this is most of what
+`condlora.lora.grouping`). Where the network's step is bound by launching kernels (a GPU), this is most of what
 the conditioning costs.
 """
 
