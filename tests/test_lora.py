@@ -98,12 +98,12 @@ def _naive(layer: ConditionedLoRA, x: torch.Tensor, cond: Conditions) -> torch.T
     return torch.cat(outs)
 
 
-KINDS_LAYOUTS = ["linear", "conv1d", "conv2d"]
+LAYOUTS = ["linear", "conv1d", "conv2d"]
 KINDS = ["time_fixed", "time_noncomp", "time_train_gaussian", "class", "class_comp", "uc", "time_and_class"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("layout", ["linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("basis_bias", [False, True])
 def test_batched_path_equals_naive_per_sample_reference(kind, layout, basis_bias):
     layer = ConditionedLoRA(_base(layout), _strategies(kind), rank=3, basis_bias=basis_bias)
@@ -114,7 +114,7 @@ def test_batched_path_equals_naive_per_sample_reference(kind, layout, basis_bias
     assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
     layer.conditions = None
     with bind_conditions([layer], cond):  # omega computed at binding, by the grouped form
-        assert layer.omega_of_call is not None
+        assert layer.call.omega is not None
         assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -200,8 +200,8 @@ def _merged_written_out(layer: ConditionedLoRA, omega: torch.Tensor) -> tuple[to
     return weight, bias
 
 
-@pytest.mark.parametrize(("merge_limit", "left_over"), [(grouping.MERGE_LIMIT, 0), (2 * 10 * 12, 4)])
-def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit, left_over, monkeypatch):
+@pytest.mark.parametrize(("merge_limit", "together"), [(grouping.MERGE_LIMIT, 14), (5 * 10 * 12, 5)])
+def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit, together, monkeypatch):
     """A shared call over layers of every layout, with and without (per-basis) biases, and layers that must
     merge their own (a lone shape, a merged layer, dropout in training, no grouped omega): the weights and
     biases merged together, and their gradients, are those written out basis by basis (float64)."""
@@ -211,7 +211,7 @@ def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit
         ConditionedLoRA(_base(layout), _strategies(kind), rank=3, alpha=6.0, basis_bias=basis_bias)
         for kind in ("time_and_class", "uc")
         for basis_bias in (False, True)
-        for layout in ("linear", "conv1d", "conv2d")
+        for layout in LAYOUTS
     ]
     no_bias = [nn.Linear(12, 10, bias=False) for _ in range(2)]
     layers += [ConditionedLoRA(base, _strategies("uc"), rank=3, basis_bias=True) for base in no_bias]
@@ -229,8 +229,8 @@ def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit
     alone[1].merge(cond)
     layers = [*layers, *alone]
     merged = grouped_merged_weights(layers, grouped_omegas(layers, cond))
-    # in stacks of two, the third layer of each of the 4 trios of one shape is left to merge its own
-    assert sum(m is None for m in merged) == len(alone) + left_over
+    # within MERGE_LIMIT: every layer of a shared shape; within 5 weights: the first trio and two of the second
+    assert [m is not None for m in merged] == [i < together for i in range(len(layers))]
     pairs = [(layer, m) for layer, m in zip(layers, merged, strict=True) if m is not None]
     expected = [_merged_written_out(layer, layer.omega(cond, _input("linear", 4).double())[0]) for layer, _ in pairs]
     for (_, (weight, bias)), (weight_expected, bias_expected) in zip(pairs, expected, strict=True):
@@ -249,18 +249,42 @@ def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit
         assert g_grouped is None or torch.allclose(g_grouped, g_own, atol=1e-10)
 
 
-def test_a_shared_call_merges_layers_of_one_shape_together_and_matches_the_reference():
-    layers = [ConditionedLoRA(_base(layout), _strategies("uc"), rank=2, basis_bias=True) for layout in KINDS_LAYOUTS]
+@pytest.mark.parametrize("kind", ["time_and_class", "uc"])
+@pytest.mark.parametrize("basis_bias", [False, True])
+@pytest.mark.parametrize("alpha", [None, 6.0])
+@pytest.mark.parametrize("lora_scale", [None, 0.5])
+def test_a_shared_call_merges_layers_of_one_shape_together_and_matches_the_reference(
+    kind, basis_bias, alpha, lora_scale
+):
+    layers = [
+        ConditionedLoRA(_base(layout), _strategies(kind), rank=2, alpha=alpha, basis_bias=basis_bias)
+        for layout in LAYOUTS
+    ]
     for layer in layers:
         _randomise(layer)
     cond = _conditions(4, shared=True)
-    inputs = [_input(layout, 4) for layout in KINDS_LAYOUTS]
+    if lora_scale is not None:
+        cond = cond.replace(lora_scale=torch.full((4,), lora_scale))
+    inputs = [_input(layout, 4) for layout in LAYOUTS]
     with bind_conditions(layers, cond):
-        assert all(layer.weight_of_call is not None for layer in layers)
+        assert all(layer.call.weight is not None for layer in layers)
         outs = [layer(x) for layer, x in zip(layers, inputs, strict=True)]
     for layer, x, out in zip(layers, inputs, outs, strict=True):
-        assert layer.weight_of_call is None  # bound for the call only
+        assert layer.call is None and layer.conditions is None  # bound for the call only
         assert torch.allclose(out, _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
+        layer.conditions = cond  # the layer alone, merging its own weight
+        assert torch.allclose(out, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_conditions_set_directly_inside_a_binding_are_not_served_what_was_computed_for_the_binding():
+    layers = [ConditionedLoRA(_base("linear"), _strategies("time_and_class"), rank=2) for _ in range(2)]
+    for layer in layers:
+        _randomise(layer)
+    x, other = _input("linear", 4), _conditions(4)  # per sample, unlike the bound shared condition
+    expected = _naive(layers[0], x, other)
+    with bind_conditions(layers, _conditions(4, shared=True).replace(step=torch.full((4,), 7))):
+        layers[0].conditions = other
+        assert torch.allclose(layers[0](x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_merging_layers_of_one_shape_costs_the_same_operations_for_any_number_of_layers():

@@ -18,7 +18,7 @@ import torch
 from condlora.conditions import Conditions
 
 if TYPE_CHECKING:
-    from condlora.lora.layer import ConditionedLoRA
+    from condlora.lora.layer import ConditionedLoRA, Merged
 
 
 def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torch.Tensor | None]:
@@ -62,46 +62,45 @@ def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor 
     return terms
 
 
-MERGE_LIMIT = 1 << 22  # elements: weights of one shape are merged together in stacks of up to this size
+MERGE_LIMIT = 1 << 22  # elements: merged weights computed together for one call, all shapes together
 
 
-def grouped_merged_weights(
-    layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]
-) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+def grouped_merged_weights(layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]) -> list[Merged | None]:
     """For a call whose samples share one condition: each layer's merged weight W + sum_i omega_i B_i A_i
     (C_out, C_in) and bias (its base bias plus sum_i omega_i b_i with a per-basis bias), computed for layers of
-    one shape at once: a few operations per shape instead of a few per layer. None for a layer that merges
-    its own: its omega is its own, it holds a merged delta, it drops its input in training, or its weights
-    are large (a stack over MERGE_LIMIT elements would only copy weights whose product is not launch-bound)."""
+    one shape at once: a few operations per shape instead of a few per layer. The merged weights are held
+    for the whole call, so at most MERGE_LIMIT elements of them are made together (the attention weights of
+    every preset; a large model's layers are not launch-bound, and would hold a copy of their weights).
+    None for a layer that merges its own: its omega is its own, it holds a merged delta, it drops its input in
+    training, it is alone in its shape, or its weights do not fit in what is left of MERGE_LIMIT."""
     keys = [None if omega is None else layer.merge_key() for layer, omega in zip(layers, omegas, strict=True)]
-    merged: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
+    merged: list[Merged | None] = [None] * len(layers)
+    budget = MERGE_LIMIT
     for indices in _groups(keys):
         first = layers[indices[0]]
-        per_stack = MERGE_LIMIT // (first.c_out * first.c_in)
-        for start in range(0, len(indices), max(per_stack, 1)):
-            part = indices[start : start + per_stack]
-            if len(part) < 2:  # nothing to share: the layer merges its own
-                continue
-            members = [layers[i] for i in part]
-            omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
-            up = torch.stack([m.lora_up for m in members]).unflatten(-1, (first.num_bases, first.rank))
-            weights = torch.baddbmm(
-                torch.stack([m.base_weight() for m in members]),
-                (up * omega[:, None, :, None].to(up.dtype)).flatten(-2),  # [omega_1 B_1 | ... | omega_M B_M]
-                torch.stack([m.lora_down for m in members]),
-            )  # (L, C_out, C_in)
-            biases = [m.base_layer.bias for m in members]
-            if first.basis_bias is not None:
-                scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
-                basis = torch.stack([m.basis_bias for m in members])  # (L, r*M, C_out)
-                stacked = (
-                    torch.bmm(scale, basis)
-                    if biases[0] is None
-                    else torch.baddbmm(torch.stack(biases)[:, None, :], scale, basis)
-                )
-                biases = list(stacked[:, 0].unbind(0))
-            for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
-                merged[i] = (weight, bias)
+        part = indices[: budget // (first.c_out * first.c_in)]
+        if len(part) < 2:  # nothing to share: the layers merge their own
+            continue
+        budget -= len(part) * first.c_out * first.c_in
+        members = [layers[i] for i in part]
+        omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
+        up = torch.stack([m.lora_up for m in members]).unflatten(-1, (first.num_bases, first.rank))
+        weights = torch.baddbmm(
+            torch.stack([m.base_weight() for m in members]),
+            (up * omega[:, None, :, None].to(up.dtype)).flatten(-2),  # [omega_1 B_1 | ... | omega_M B_M]
+            torch.stack([m.lora_down for m in members]),
+        )  # (L, C_out, C_in)
+        biases = [m.base_layer.bias for m in members]
+        if first.basis_bias is not None:
+            scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
+            basis = torch.stack([m.basis_bias for m in members])  # (L, r*M, C_out)
+            if biases[0] is None:
+                stacked = torch.bmm(scale, basis)
+            else:
+                stacked = torch.baddbmm(torch.stack(biases)[:, None, :], scale, basis)
+            biases = list(stacked[:, 0].unbind(0))
+        for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
+            merged[i] = (weight, bias)
     return merged
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from condlora.conditions import Conditions
 from condlora.lora.grouping import grouped_bias_terms, grouped_merged_weights, grouped_omegas
-from condlora.lora.layer import ConditionedLoRA
+from condlora.lora.layer import CallValues, ConditionedLoRA
 from condlora.lora.spec import LoRASpec
 
 StrategyFactory = Callable[[str, nn.Module], dict[str, nn.Module]]
@@ -90,15 +90,16 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
     """Give `cond` to every conditioned layer of `model` (or to the given layers) for the enclosed call(s),
     then take it back. The layers' omegas for `cond` are computed here, together (`grouped_omegas`), and so
     are their per-basis bias terms (`grouped_bias_terms`) or, when the samples share one condition, their
-    merged weights (`grouped_merged_weights`)."""
+    merged weights (`grouped_merged_weights`): they hold for forward calls with the parameters, merges and
+    train / eval mode of the moment of binding (bind again after changing any of these)."""
     layers = [layer for _, layer in conditioned_layers(model)] if isinstance(model, nn.Module) else list(model)
-    previous = [(layer.conditions, layer.omega_of_call, layer.bias_of_call, layer.weight_of_call) for layer in layers]
+    previous = [(layer.conditions, layer.call) for layer in layers]
     omegas = grouped_omegas(layers, cond)
     nothing = [None] * len(layers)
-    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas)  # a merged bias holds its term
+    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas)  # a shared call merges them in the bias
     merged = grouped_merged_weights(layers, omegas) if cond.shared else nothing
     for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
-        layer.bind(cond, omega, term, weight)
+        layer.bind(cond, CallValues(cond, omega, term, weight))
     try:
         yield
     finally:

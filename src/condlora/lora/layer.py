@@ -17,12 +17,25 @@ computes what alike layers need for it together (`condlora.lora.grouping`) and h
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
+
+Merged = tuple[torch.Tensor, torch.Tensor | None]  # a merged (weight (C_out, C_in), bias (C_out,) or None)
+
+
+class CallValues(NamedTuple):
+    """What `bind_conditions` computed for one layer's call together with other layers, and for which
+    conditions: a layer uses them only while its `conditions` are those (one set directly is computed anew)."""
+
+    conditions: Conditions
+    omega: torch.Tensor | None = None  # (B, M), scaled
+    bias: torch.Tensor | None = None  # per-basis bias term sum_i omega_i b_i (B, C_out)
+    weight: Merged | None = None  # merged weight and bias, for a call whose samples share one condition
 
 
 @functools.cache
@@ -89,23 +102,15 @@ class ConditionedLoRA(nn.Module):
         self.lora_up = nn.Parameter(torch.zeros(self.c_out, width))  # B_i stacked: (C_out, r*M)
         self.basis_bias = nn.Parameter(torch.zeros(width, self.c_out)) if basis_bias else None
         self.conditions: Conditions | None = None
-        self.omega_of_call: torch.Tensor | None = None  # this call's omega when computed with other layers'
-        self.bias_of_call: torch.Tensor | None = None  # and its per-basis bias term (B, C_out), likewise
-        self.weight_of_call: tuple[torch.Tensor, torch.Tensor | None] | None = None  # merged (weight, bias), likewise
+        self.call: CallValues | None = None  # what was computed for this call with other layers
         self.merged = False
 
-    def bind(
-        self,
-        cond: Conditions | None,
-        omega: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        weight: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> None:
+    def bind(self, cond: Conditions | None, call: CallValues | None = None) -> None:
         """Hand the layer its conditions for a call, with what `bind_conditions` computed for it together with
         other layers. Plain attributes, written without nn.Module's bookkeeping for parameters and submodules
-        (which none of them is): this runs twice per layer on every call, where host time is what a GPU
-        step bound by launching kernels pays."""
-        vars(self).update(conditions=cond, omega_of_call=omega, bias_of_call=bias, weight_of_call=weight)
+        (which neither is): this runs twice per layer on every call, where host time is what a GPU step
+        bound by launching kernels pays."""
+        vars(self).update(conditions=cond, call=call)
 
     def omega(self, cond: Conditions, x: torch.Tensor) -> torch.Tensor:
         """Mixing weights times the LoRA scale: (B, M), or per position in x's layout (x's shape with M channels)
@@ -139,7 +144,8 @@ class ConditionedLoRA(nn.Module):
             return None
         bias, weight = self.base_layer.bias, self.base_layer.weight
         shape = (self.c_out, self.c_in, self.num_bases, self.rank)
-        return shape, weight.dtype, weight.device, bias is None, self.basis_bias is None
+        down = self.lora_down
+        return shape, weight.dtype, weight.device, down.dtype, down.device, bias is None, self.basis_bias is None
 
     def _with_channels(self, shape: torch.Size, part: torch.Tensor) -> list[int]:
         """`shape` with its channel dimension set to the number of bases of `part`."""
@@ -162,18 +168,19 @@ class ConditionedLoRA(nn.Module):
             if self.merged:  # a layer merged for one condition serves it without conditions
                 return self.base_layer(x)
             raise RuntimeError("conditioned LoRA called without conditions; wrap the call in bind_conditions()")
-        if self.weight_of_call is not None:  # merged with the other layers of its shape for a shared call
-            return self._project(x, *self.weight_of_call)
+        call = self.call if self.call is not None and self.call.conditions is cond else CallValues(cond)
+        if call.weight is not None:  # merged with the other layers of its shape for a shared call
+            return self._project(x, *call.weight)
         if cond.shared and self._routable(cond):
             parts = next(iter(self.strategies.values())).routed(cond, x)
             if parts is not None:
                 return self._forward_routed(x, *parts)
-        omega = self.omega(cond, x) if self.omega_of_call is None else self.omega_of_call.to(x.dtype)
+        omega = self.omega(cond, x) if call.omega is None else call.omega.to(x.dtype)
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
         if cond.shared and omega.dim() == 2 and not (self.training and self.dropout):
             return self._forward_merged(x, omega[0])
-        return self._forward_batched(x, omega)
+        return self._forward_batched(x, omega, None if self.merged else call.bias)  # (a merged omega is a difference)
 
     def _routable(self, cond: Conditions) -> bool:
         """Whether a router's split path applies: one strategy offering `routed`, one LoRA scale for the call,
@@ -200,14 +207,14 @@ class ConditionedLoRA(nn.Module):
         shape[self.channel_dim] = merged.shape[0]
         return merged.reshape(shape)
 
-    def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor, bias_term: torch.Tensor | None) -> torch.Tensor:
         if self.channel_dim == -1:  # F.linear copies a strided input (transposed tokens): copy it once, for both
             x = x.contiguous()
         dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
         h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
         out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
-        if self.bias_of_call is not None and not self.merged:  # (a merged layer's omega is a difference)
-            out = out + self._broadcast(self.bias_of_call.to(out.dtype), x)
+        if bias_term is not None:  # computed at binding
+            out = out + self._broadcast(bias_term.to(out.dtype), x)
         elif self.basis_bias is not None:
             scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
             if scale.dim() == 2:
@@ -243,6 +250,7 @@ class ConditionedLoRA(nn.Module):
         return self._project(x, weight, bias)
 
     def base_weight(self) -> torch.Tensor:
+        """The base layer's weight as a (C_out, C_in) matrix (a view)."""
         return self.base_layer.weight.reshape(self.c_out, self.c_in)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
