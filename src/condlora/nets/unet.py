@@ -164,7 +164,6 @@ def check_mode(conditioning: str, lora: LoRASpec | None) -> None:
 
 
 def _run_stage(stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-    h = stage[0](h, emb)
-    for block in stage[1:]:
+    for block in stage:  # (iterating, not slicing: a slice of a ModuleList builds a new module on every call)
         h = block(h, emb)
     return h
