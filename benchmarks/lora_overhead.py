@@ -5,7 +5,9 @@
 1. training step (forward + backward + AdamW) with_lora (TimeLoRA + ClassLoRA) / baseline;
 2. sampling step (one network call, one timestep and one class for the whole batch, marked `shared`, so
    every LoRA layer takes its merged path) with_lora / baseline, and the same call on the batched path;
-3. one conditioned layer: batched rank-(r*M) product / naive per-sample W_t = W + sum_i omega_i B_i A_i.
+3. one conditioned layer: batched rank-(r*M) product / naive per-sample W_t = W + sum_i omega_i B_i A_i;
+4. on the CPU, eager: 1 and 2 host-bound, the network narrowed until its arithmetic is negligible (4
+   channels, 8x8 images, batch 1, one thread), timing the host work an eager GPU step also pays.
 With --compile, both networks run under torch.compile(fullgraph=True, mode=MODE) (e.g. default or
 reduce-overhead, which adds CUDA graphs): on a GPU the eager nano U-Net is bound by the host issuing
 kernels, so the extra LoRA operations cost host time there that compilation fuses away.
@@ -43,10 +45,10 @@ def _train_step(net, opt, x, t, cond):
     return step
 
 
-def _nets():
+def _nets(overrides: dict | None = None):
     torch.manual_seed(0)
-    base = build_network(build_config("mnist-nano-baseline")).to(DEVICE)
-    lora = build_network(build_config("mnist-nano")).to(DEVICE)  # TimeLoRA + ClassLoRA beside scale-and-shift
+    base = build_network(build_config("mnist-nano-baseline", overrides)).to(DEVICE)
+    lora = build_network(build_config("mnist-nano", overrides)).to(DEVICE)  # TimeLoRA + ClassLoRA, scale-and-shift
     for _, layer in conditioned_layers(lora):
         torch.nn.init.normal_(layer.lora_up, std=0.01)  # a trained adapter is non-zero
     if COMPILE:
@@ -55,9 +57,9 @@ def _nets():
     return base, lora
 
 
-def _data(batch: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor, Conditions]:
+def _data(batch: int, shared: bool, size: int = 28) -> tuple[torch.Tensor, torch.Tensor, Conditions]:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28, generator=g)
+    x = torch.randn(batch, 1, size, size, generator=g)
     if shared:
         t, y = torch.full((batch,), 500), torch.full((batch,), 3)
     else:
@@ -87,6 +89,26 @@ def sampling_ratios(batch: int, repeats: int) -> tuple[float, float]:
     print(f"sampling step      baseline {baseline * 1e3:8.1f} ms   merged LoRA {merged * 1e3:8.1f} ms   "
           f"batched LoRA {batched * 1e3:8.1f} ms")  # fmt: skip
     return merged / baseline, batched / baseline2
+
+
+def host_ratios(repeats: int) -> tuple[float, float]:
+    """The nano U-Net narrowed until its arithmetic is negligible (4 channels, 8x8 images, batch 1, one
+    thread), so a call's time is host work: Python, dispatch, allocation. An eager GPU step bound by
+    launching kernels pays this host work too, so these ratios are the CPU's view of that regime."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base, lora = _nets({"model": {"image_size": 8}, "nano": {"channels": 4}})
+    x, t, cond = _data(1, shared=False, size=8)
+    steps = [_train_step(net, torch.optim.AdamW(net.parameters(), lr=1e-4), x, t, cond) for net in (lora, base)]
+    train = _median_pair(*steps, repeats)
+    base.eval(), lora.eval()
+    x, t, cond = _data(1, shared=True, size=8)
+    with torch.no_grad():
+        merged = _median_pair(lambda: lora(x, t.float(), cond), lambda: base(x, t.float(), cond), repeats)
+    torch.set_num_threads(threads)
+    for what, (with_lora, baseline) in (("training step", train), ("sampling step", merged)):
+        print(f"host-bound {what:<12} baseline {baseline * 1e3:6.2f} ms   with_lora {with_lora * 1e3:6.2f} ms")
+    return train[0] / train[1], merged[0] / merged[1]
 
 
 def _naive(layer: ConditionedLoRA, x: torch.Tensor) -> torch.Tensor:
@@ -125,10 +147,14 @@ def main() -> None:
     train = training_ratio(args.batch, args.repeats)
     merged, batched = sampling_ratios(args.batch, args.repeats)
     layer = layer_ratio(args.batch, args.repeats)
+    host = host_ratios(20 * args.repeats) if DEVICE.type == "cpu" and not COMPILE else None
     print(f"ratio training step  with_lora / baseline        {train:.3f}   (target <= 1.10)")
     print(f"ratio sampling step  merged LoRA / baseline      {merged:.3f}   (target <= 1.02)")
     print(f"ratio sampling step  batched LoRA / baseline     {batched:.3f}")
     print(f"ratio LoRA layer     batched / naive per-sample  {layer:.3f}")
+    if host is not None:
+        print(f"ratio host-bound training step  with_lora / baseline  {host[0]:.3f}")
+        print(f"ratio host-bound sampling step  merged / baseline     {host[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -83,17 +83,17 @@ def grouped_merged_weights(layers: list[ConditionedLoRA], omegas: list[torch.Ten
             continue
         budget -= len(part) * first.c_out * first.c_in
         members = [layers[i] for i in part]
+        ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
         omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
-        up = torch.stack([m.lora_up for m in members]).unflatten(-1, (first.num_bases, first.rank))
+        up = torch.stack(ups).unflatten(-1, (first.num_bases, first.rank))
         weights = torch.baddbmm(
-            torch.stack([m.base_weight() for m in members]),
+            torch.stack(base_weights),
             (up * omega[:, None, :, None].to(up.dtype)).flatten(-2),  # [omega_1 B_1 | ... | omega_M B_M]
-            torch.stack([m.lora_down for m in members]),
+            torch.stack(downs),
         )  # (L, C_out, C_in)
-        biases = [m.base_layer.bias for m in members]
         if first.basis_bias is not None:
             scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
-            basis = torch.stack([m.basis_bias for m in members])  # (L, r*M, C_out)
+            basis = torch.stack(basis_biases)  # (L, r*M, C_out)
             if biases[0] is None:
                 stacked = torch.bmm(scale, basis)
             else:

@@ -249,9 +249,15 @@ class ConditionedLoRA(nn.Module):
             bias = scale @ self.basis_bias if bias is None else torch.addmv(bias, self.basis_bias.mT, scale)
         return self._project(x, weight, bias)
 
+    def merge_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What a merged weight and bias are made of: B (C_out, r*M), A (r*M, C_in), W (C_out, C_in), the base
+        bias and the per-basis bias (r*M, C_out), each None where the layer has none."""
+        return self.lora_up, self.lora_down, self.base_weight(), self.base_layer.bias, self.basis_bias
+
     def base_weight(self) -> torch.Tensor:
-        """The base layer's weight as a (C_out, C_in) matrix (a view)."""
-        return self.base_layer.weight.reshape(self.c_out, self.c_in)
+        """The base layer's weight as a (C_out, C_in) matrix (a view of a convolution's kernel)."""
+        weight = self.base_layer.weight
+        return weight if self.channel_dim == -1 else weight.reshape(self.c_out, self.c_in)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A (C_out', C_in') matrix applied along the channel dimension of x."""
