@@ -276,6 +276,28 @@ def test_a_shared_call_merges_layers_of_one_shape_together_and_matches_the_refer
         assert torch.allclose(out, layer(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_shared_call_merged_together_runs_in_bf16_and_float64(dtype):
+    """The layers and their inputs in `dtype`, against the same call in float64 (bf16 to its precision)."""
+    torch.manual_seed(0)
+    layers = [ConditionedLoRA(_base(layout), _strategies("uc"), rank=2, basis_bias=True) for layout in LAYOUTS]
+    for layer in layers:
+        _randomise(layer)
+    cond = _conditions(4, shared=True)
+    inputs = [_input(layout, 4) for layout in LAYOUTS]
+
+    def outputs(dtype: torch.dtype) -> list[torch.Tensor]:
+        with bind_conditions([layer.to(dtype) for layer in layers], cond.replace(embedding=cond.embedding.to(dtype))):
+            assert all(layer.call.weight is not None for layer in layers)
+            return [layer(x.to(dtype)) for layer, x in zip(layers, inputs, strict=True)]
+
+    reference = outputs(torch.float64)
+    for out, expected in zip(outputs(dtype), reference, strict=True):
+        assert out.dtype == dtype
+        tolerance = 0.05 * expected.abs().max().item() if dtype == torch.bfloat16 else 1e-12
+        assert torch.allclose(out.double(), expected, atol=tolerance)
+
+
 def test_conditions_set_directly_inside_a_binding_are_not_served_what_was_computed_for_the_binding():
     layers = [ConditionedLoRA(_base("linear"), _strategies("time_and_class"), rank=2) for _ in range(2)]
     for layer in layers:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from condlora.conditions import Conditions
+from condlora.lora.layer import scaled_up
 
 if TYPE_CHECKING:
     from condlora.lora.layer import ConditionedLoRA, Merged
@@ -85,12 +86,9 @@ def grouped_merged_weights(layers: list[ConditionedLoRA], omegas: list[torch.Ten
         members = [layers[i] for i in part]
         ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
         omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
-        up = torch.stack(ups).unflatten(-1, (first.num_bases, first.rank))
         weights = torch.baddbmm(
-            torch.stack(base_weights),
-            (up * omega[:, None, :, None].to(up.dtype)).flatten(-2),  # [omega_1 B_1 | ... | omega_M B_M]
-            torch.stack(downs),
-        )  # (L, C_out, C_in)
+            torch.stack(base_weights), scaled_up(torch.stack(ups), omega, first.rank), torch.stack(downs)
+        )  # (L, C_out, C_in): W + sum_i omega_i B_i A_i
         if first.basis_bias is not None:
             scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
             basis = torch.stack(basis_biases)  # (L, r*M, C_out)

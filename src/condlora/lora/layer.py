@@ -38,6 +38,13 @@ class CallValues(NamedTuple):
     weight: Merged | None = None  # merged weight and bias, for a call whose samples share one condition
 
 
+def scaled_up(up: torch.Tensor, omega: torch.Tensor, rank: int) -> torch.Tensor:
+    """[omega_1 B_1 | ... | omega_M B_M]: up projections (..., C_out, r*M), whose columns are basis-major
+    (r per basis), times omega (..., M); the leading dimensions broadcast (one layer, or L stacked)."""
+    split = up.unflatten(-1, (-1, rank))  # (..., C_out, M, r)
+    return (split * omega.to(up.dtype)[..., None, :, None]).flatten(-2)
+
+
 @functools.cache
 def _has_grouped_form(strategy: type) -> bool:
     """Whether the class that defines the strategy's `forward` also defines `grouped` (a subclass that
@@ -154,9 +161,8 @@ class ConditionedLoRA(nn.Module):
         return sizes
 
     def _scaled_up(self, omega: torch.Tensor) -> torch.Tensor:
-        """[omega_1 B_1 | ... | omega_M B_M] for one omega (M,): B's columns are basis-major, r per basis."""
-        up = self.lora_up.view(self.c_out, self.num_bases, self.rank)
-        return (up * omega.to(up.dtype)[None, :, None]).reshape(self.c_out, -1)
+        """[omega_1 B_1 | ... | omega_M B_M] for one omega (M,)."""
+        return scaled_up(self.lora_up, omega, self.rank)
 
     def delta_weight(self, omega: torch.Tensor) -> torch.Tensor:
         """sum_i omega_i B_i A_i for one omega (M,), as a (C_out, C_in) matrix."""
