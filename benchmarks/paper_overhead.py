@@ -69,7 +69,7 @@ def _labels(cfg, batch: int, device: torch.device) -> torch.Tensor | None:
 
 def training_ratio(family, device, width, batch, precision, repeats) -> float:
     cfg, base, lora = _pair(family, device, width)
-    process = process_for(cfg)
+    process = process_for(cfg).to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     cond = Conditions(labels=_labels(cfg, batch, device))
 
@@ -95,7 +95,7 @@ def training_ratio(family, device, width, batch, precision, repeats) -> float:
 def sampling_ratio(family, device, width, batch, precision, repeats) -> float:
     cfg, base, lora = _pair(family, device, width)
     base.eval(), lora.eval()
-    process = process_for(cfg)
+    process = process_for(cfg).to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     level = torch.full((batch,), 2.5, device=device) if family == "edm" else torch.full((batch,), 1000, device=device)
     labels = torch.full((batch,), 3, device=device) if cfg.model.num_classes else None

@@ -102,7 +102,7 @@ def main() -> None:
     model = torch.compile(net, mode=args.compile) if args.compile else net
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, fused=not checks_on_host(device) or None)
     ema = EMA(net, cfg.train.ema_decay)
-    process, m, batch = process_for(cfg), cfg.model, cfg.train.batch_size
+    process, m, batch = process_for(cfg).to(device), cfg.model, cfg.train.batch_size
     x0 = (torch.rand(batch, m.in_channels, m.image_size, m.image_size, device=device) * 2 - 1).contiguous(
         memory_format=fmt
     )

@@ -68,6 +68,7 @@ def test_autolora_leaves_out_what_weighs_nothing():
 
 NETWORKS = {
     "nano-plain": ("digits-nano", {"lora": {"plain": True}}),
+    "nano-uncond": ("digits-nano", {"model": {"num_classes": 0}, "lora": {"plain": True}}),
     "nano-time-class": ("digits-nano", {"model": {"conditioning": "with_lora"},
                                         "lora": {"time": "compositional", "classes": "compositional"}}),
     "nano-tsm": ("digits-nano", {"model": {"conditioning": "with_lora"},
@@ -173,6 +174,22 @@ def test_branches_per_call_splits_the_branches_and_keeps_the_result(per_call, ca
     assert torch.allclose(split, one_call, atol=1e-5)
     with pytest.raises(ValueError, match="branches_per_call"):
         guided(predict, guidance, branches_per_call=-1)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_autolora_of_an_unconditional_model_is_eq6(alpha):
+    """No labels: two branches (base, LoRA), the LoRA one at alpha; at alpha 1 it carries no scale of its own,
+    and the joined batch still gives every sample its scale."""
+    net, cfg = _network("nano-uncond")
+    m, process, gamma = cfg.model, process_for(cfg), 1.5
+    x, t = torch.randn(3, m.in_channels, m.image_size, m.image_size), torch.tensor([5, 50, 99])
+    guidance = autolora(Conditions(), gamma, alpha, batch_size=3, device="cpu")
+    with torch.no_grad():
+        got = guided(lambda x, t, c: process.predict(net, x, t, c), guidance)(x, t)
+        base = process.predict(_with_adapters_times(net, 0.0), x, t, Conditions())
+        lora = process.predict(_with_adapters_times(net, alpha), x, t, Conditions())
+    assert torch.allclose(got, base + gamma * (lora - base), atol=1e-4)
+    assert not torch.allclose(base, lora, atol=1e-3)  # the adapters do change the prediction
 
 
 @pytest.mark.parametrize("kind", ["nano-time-class", "nano-tsm", "iddpm", "edm-uc"])

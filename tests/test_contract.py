@@ -228,6 +228,22 @@ def test_conditions_cat_and_repeat():
     assert a.repeat(2).labels.tolist() == [1, 2, 1, 2]
     with pytest.raises(ValueError, match="step is given in some parts but not in others"):
         Conditions.cat([a, Conditions(labels=torch.tensor([0]), step=torch.tensor([4]))])
+    unconditional = Conditions.cat([Conditions(lora_scale=torch.tensor([0.0, 0.0])), Conditions()])
+    assert unconditional.lora_scale.tolist() == [0.0, 0.0, 1.0, 1.0]  # a part without tensors has the same B
+
+
+@pytest.mark.parametrize("family", ["ddpm", "iddpm", "edm"])
+def test_a_process_moves_every_table_a_training_step_reads(family):
+    sections = {"diffusion": {"family": family}, "ddpm": {"min_snr_gamma": 5.0} if family == "ddpm" else {}}
+    if family == "iddpm":
+        sections["ddpm"] = {"timestep_sampler": "loss-second-moment", "schedule": "cosine"}
+    process = process_for(build_config("mnist-edm" if family == "edm" else "digits-nano", sections))
+    assert process.to("meta") is process
+    tables = [v for v in vars(process).values() if torch.is_tensor(v)]
+    for part in vars(process).values():  # the schedule, the chain, the importance sampler
+        tables += [v for v in vars(part).values() if torch.is_tensor(v)] if hasattr(part, "__dict__") else []
+    assert len(tables) >= {"ddpm": 2, "iddpm": 8, "edm": 0}[family]
+    assert all(t.device.type == "meta" for t in tables)
 
 
 def test_time_table_reads_the_step_the_process_sets_not_the_noise_level():

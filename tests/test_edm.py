@@ -194,6 +194,13 @@ def test_heun_with_the_exact_denoiser_of_a_gaussian_reaches_it(churn):
     assert out.std().item() == pytest.approx(std, rel=0.03)
 
 
+def test_edm_samples_with_heun_only():
+    cfg = build_config("mnist-edm")
+    sample = cfg.sample.__class__(**{**cfg.sample.__dict__, "sampler": "ddim"})
+    with pytest.raises(ValueError, match="the edm family samples with heun, not 'ddim'"):
+        EDM(cfg.edm).sample(_gaussian_denoiser(0.0, 1.0), PerSampleNoise([0]), (1, 1, 1), sample)
+
+
 def test_edm_loss_is_the_weighted_denoising_error():
     cfg = build_config("mnist-edm").edm
     process = EDM(cfg)

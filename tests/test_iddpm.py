@@ -251,6 +251,21 @@ def test_importance_sampler_follows_the_published_algorithm_with_repeated_steps(
     assert torch.equal(restored.probabilities(), p)
 
 
+def test_importance_sampler_skips_a_batch_with_a_non_finite_loss():
+    T, H = 4, 2
+    sampler = LossSecondMomentSampler(T, history=H)
+    for losses in ([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 0.5, 3.0]):
+        sampler.update(torch.arange(T), torch.tensor(losses))
+    p, counts = sampler.probabilities(), sampler.counts.clone()
+    assert not torch.equal(p, torch.full((T,), 1 / T, dtype=torch.float64))  # importance sampling is on
+    for bad in (float("nan"), float("inf")):
+        sampler.update(torch.tensor([0, 2, 2]), torch.tensor([5.0, bad, 1.0]))
+        assert torch.equal(sampler.probabilities(), p) and torch.equal(sampler.counts, counts)
+    sampler.update(torch.tensor([1, 1]), torch.tensor([7.0, 9.0]))  # a finite batch is recorded again
+    history = [[1.0, 2.0], [7.0, 9.0], [3.0, 0.5], [4.0, 3.0]]
+    assert torch.allclose(sampler.probabilities(), _published_probabilities(history, T, H, 0.001), rtol=1e-12)
+
+
 def test_importance_sampled_run_resumes_exactly(tiny_config, tmp_path, monkeypatch):
     """The sampler's loss histories are in the checkpoint (T = 10: importance sampling starts at step 7)."""
     sections = {

@@ -134,7 +134,9 @@ def test_guidance_is_one_batched_call_of_any_number_of_branches():
         assert out[i, 0, 0, 0].item() == pytest.approx(sum(w * v for w, v in zip(weights, values, strict=True)))
 
 
-def test_unconditional_or_unit_scale_guidance_is_a_single_branch():
+def test_unconditional_or_unit_or_zero_scale_guidance_is_a_single_branch():
     assert len(classifier_free(Conditions(), 3.0).branches) == 1
+    zero = classifier_free(Conditions(labels=torch.tensor([1, 2])), 0.0)  # the unconditional model alone
+    assert zero.weights == (1.0,) and zero.branches[0].labels.tolist() == [NULL_LABEL, NULL_LABEL]
     one = classifier_free(Conditions(labels=torch.tensor([1]), shared=True), 1.0)
     assert one.weights == (1.0,) and one.branches[0].shared

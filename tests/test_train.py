@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,21 @@ def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
         assert torch.equal(a[key], b[key]), key
     state = json.loads((result.checkpoint / "state.json").read_text())
     assert state["step"] == 12 and "generator" in state["rng"][0]
+
+
+def test_resume_refuses_another_network_or_process_and_takes_new_sampler_settings(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(train={"out_dir": str(run)}), run)
+    for changed, message in (
+        ({"ddpm": {"schedule": "cosine"}}, "ddpm.schedule: 'linear' -> 'cosine'"),
+        ({"diffusion": {"family": "iddpm"}}, "diffusion.family: 'ddpm' -> 'iddpm'"),
+        ({"nano": {"channels": 16}}, "nano.channels: 8 -> 16"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            train(tiny_config(train={"out_dir": str(run), "steps": 14}, **changed), run, resume=True)
+    sampler_only = {"edm": {"S_churn": 5.0, "rho": 5.0}, "sample": {"steps": 7}}  # only previews read them
+    result = train(tiny_config(train={"out_dir": str(run), "steps": 14}, **sampler_only), run, resume=True)
+    assert result.steps == 14
 
 
 def test_checkpoints_are_pruned_and_verified(tiny_config):

@@ -70,6 +70,8 @@ class Conditions:
         if len(parts) == 1:
             return first
         sizes = [p.batch_size() for p in parts]
+        known = next((n for n in sizes if n is not None), None)  # a part with no tensor has the same B as the others
+        sizes = [known if n is None else n for n in sizes]
         out = {}
         for f in dataclasses.fields(Conditions):
             if f.name == "shared":

@@ -108,11 +108,15 @@ def _warp(images: torch.Tensor, linear: torch.Tensor, offset: torch.Tensor) -> t
     """output(p) = input(G^-1 p) with G p = linear p + offset in centred pixel coordinates (y down), reflecting
     at the borders; sampled bilinearly on a 2x finer grid, then averaged over 2x2 blocks."""
     n, c, h, w = images.shape
-    inv = torch.linalg.inv(linear.double()).to(images.dtype)  # (B, 2, 2)
-    to_norm = torch.tensor([2 / w, 2 / h], dtype=images.dtype, device=images.device)
-    # normalised coordinates q = D p with D = diag(2/W, 2/H): input q = D inv D^-1 (q_out - D offset)
-    theta_linear = to_norm[None, :, None] * inv / to_norm[None, None, :]
-    theta_offset = -(theta_linear @ (offset * to_norm)[..., None])[..., 0]
+    g = linear.double()
+    g00, g01, g10, g11 = g[:, 0, 0], g[:, 0, 1], g[:, 1, 0], g[:, 1, 1]
+    det = g00 * g11 - g01 * g10  # G^-1 = [[g11, -g01], [-g10, g00]] / det, written out: no solver, no host check
+    # normalised coordinates q = D p with D = diag(2/W, 2/H): input q = D G^-1 D^-1 (q_out - D offset),
+    # and (D M D^-1)_ij = M_ij D_i / D_j
+    theta_linear = torch.stack([g11, -g01 * (h / w), -g10 * (w / h), g00], dim=1).div(det[:, None]).view(n, 2, 2)
+    theta_linear = theta_linear.to(images.dtype)
+    shift = torch.stack([offset[:, 0] * (2 / w), offset[:, 1] * (2 / h)], dim=1)  # D offset
+    theta_offset = -(theta_linear @ shift[..., None])[..., 0]
     theta = torch.cat([theta_linear, theta_offset[..., None]], dim=2)  # (B, 2, 3)
     grid = F.affine_grid(theta, [n, c, 2 * h, 2 * w], align_corners=False)
     fine = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -186,11 +186,17 @@ class EDM:
         progress: bool = False,
     ) -> torch.Tensor:
         """Heun sampling with `sample.steps` noise levels (2 steps - 1 evaluations), churn from the edm section."""
+        if sample.sampler != "heun":
+            raise ValueError(f"the edm family samples with heun, not {sample.sampler!r}")
         cfg = self.cfg
         sigmas = karras_sigmas(sample.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         return heun_sample(
             denoise, sigmas, noise, shape, cfg.S_churn, cfg.S_min, cfg.S_max, cfg.S_noise, progress=progress
         )
+
+    def to(self, device: torch.device | str) -> EDM:
+        """EDM keeps no tables: sigma is drawn and every weight computed on the device."""
+        return self
 
     def preview(self, sample: SampleConfig) -> SampleConfig:
         """Cheap settings for training previews: at most 18 Heun steps."""

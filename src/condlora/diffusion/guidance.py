@@ -62,6 +62,8 @@ def classifier_free(cond: Conditions, guidance_scale: float, null: Conditions | 
         if cond.labels is None and cond.class_vector is None:
             return Guidance((cond,), (1.0,))
         null = null_condition(cond)
+    if guidance_scale == 0.0:
+        return Guidance((null,), (1.0,))
     return Guidance((cond, null), (guidance_scale, 1.0 - guidance_scale))
 
 

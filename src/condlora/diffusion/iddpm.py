@@ -12,6 +12,7 @@ The network is fed t * 1000 / T (IDDPM's rescaled timesteps) while TimeLoRA tabl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,11 +75,16 @@ class Chain:
         """The chain over `steps` of `schedule` (default: all of them)."""
         steps = tuple(sorted(steps)) if steps is not None else tuple(range(schedule.num_timesteps))
         ab = schedule.alphas_cumprod[list(steps)]
-        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
         betas = 1 - ab / ab_prev
         var = betas * (1 - ab_prev) / (1 - ab)
         clipped = torch.cat([var[1:2], var[1:]]) if len(steps) > 1 else betas
         return cls(steps, ab, ab_prev, betas, var, clipped.log())
+
+    def to(self, device: torch.device | str) -> Chain:
+        """The chain with its tables on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "steps"}
+        return dataclasses.replace(self, **moved)
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log variance of q(x_{i-1} | x_i, x_0) (Ho et al. eq. 7) at chain positions `index`."""
@@ -150,19 +156,23 @@ class LossSecondMomentSampler:
         return t, (1 / (self.num_timesteps * p[t])).float()
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Record the (unweighted) per-sample losses of steps t (gathered from every rank under DDP)."""
+        """Record the (unweighted) per-sample losses of steps t (gathered from every rank under DDP). A batch
+        with a non-finite loss is not recorded (the training step skips it too): one would poison every p_t."""
         t, losses = t.detach(), losses.detach().to(torch.float64)
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             t, losses = _all_gather(t), _all_gather(losses)
         self._to(t.device)
         order = torch.sort(t, stable=True).indices
         t, losses = t[order], losses[order]
-        rank = torch.arange(len(t), device=t.device) - torch.searchsorted(t, t)  # position among equal steps
-        seen = torch.bincount(t, minlength=self.num_timesteps)[t]  # how often each sample's step occurs
+        first = torch.searchsorted(t, t)
+        rank = torch.arange(len(t), device=t.device) - first  # position among equal steps
+        seen = torch.searchsorted(t, t, right=True) - first  # how often each sample's step occurs (no bincount:
+        # on a GPU it reads the range of t on the host)
         slot = (self.counts[t] + rank) % self.history  # ring buffer: overwrite the oldest
-        row = torch.where(rank >= seen - self.history, t, self.num_timesteps)  # the last `history` writes only
-        self.losses[row, slot] = losses
-        self.counts.index_add_(0, t, torch.ones_like(t))
+        finite = torch.isfinite(losses).all()  # a non-finite step is skipped, as the optimizer skips it
+        keep = (rank >= seen - self.history) & finite  # the last `history` writes only
+        self.losses[torch.where(keep, t, self.num_timesteps), slot] = losses
+        self.counts.index_add_(0, t, finite.long().expand_as(t))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"losses": self.losses, "counts": self.counts}
@@ -213,6 +223,14 @@ class IDDPM(DDPM):
         self.learn_sigma, self.vlb_weight = learn_sigma, vlb_weight
         self.timestep_sampler = timestep_sampler or UniformTimestepSampler(schedule.num_timesteps)
         self.chain = Chain.of(schedule)
+
+    def to(self, device: torch.device | str) -> IDDPM:
+        """Move the schedule, the training chain and the importance sampler's histories to `device` (in place)."""
+        super().to(device)
+        self.chain = self.chain.to(device)
+        if isinstance(self.timestep_sampler, LossSecondMomentSampler):
+            self.timestep_sampler._to(torch.device(device))
+        return self
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """IDDPM's rescaled timestep t * 1000 / T, float32."""
@@ -326,6 +344,7 @@ def iddpm_sample(
     x = noise.randn(shape)
     batch = x.shape[0]
     channels = shape[0]
+    chain = chain.to(x.device)  # its tables are read at every step
     for i in tqdm(reversed(range(len(chain.steps))), total=len(chain.steps), disable=not progress, leave=False):
         t = torch.full((batch,), chain.steps[i], dtype=torch.long, device=x.device)
         output = denoise(x, t)

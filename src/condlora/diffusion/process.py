@@ -32,8 +32,9 @@ class Process(Protocol):
     `predict(net, x, t, cond)` is the family's prediction at its own time variable t (DDPM: eps at the integer
     step; EDM: the denoised image at sigma); `loss` returns named per-sample terms; `sample` draws images from
     a denoiser built on `predict` (with guidance); `preview` gives cheap sampler settings for training
-    previews. A process with training state of its own (IDDPM's importance sampler) also has `state_dict()`
-    / `load_state_dict()`, which checkpoints keep.
+    previews; `to(device)` puts the tables a training step reads on the training device, once. A process
+    with training state of its own (IDDPM's importance sampler) also has `state_dict()` /
+    `load_state_dict()`, which checkpoints keep.
     """
 
     family: str
@@ -54,6 +55,8 @@ class Process(Protocol):
     ) -> torch.Tensor: ...
 
     def preview(self, sample: SampleConfig) -> SampleConfig: ...
+
+    def to(self, device: torch.device | str) -> Process: ...
 
 
 class UniformTimestepSampler:
@@ -98,6 +101,13 @@ class DDPM:
     @property
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
+
+    def to(self, device: torch.device | str) -> DDPM:
+        """Move the schedule and loss weights to `device` (in place; returns self)."""
+        self.schedule = self.schedule.to(device)
+        if self.loss_weights is not None:
+            self.loss_weights = self.loss_weights.to(device)
+        return self
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """What the network is fed for step t: the step itself as float32 (half precision cannot hold every

@@ -34,7 +34,10 @@ class PerSampleNoise:
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         """(B, *shape) standard normal noise, row i from generator i."""
         rows = [torch.randn(tuple(shape), generator=g) for g in self.generators]
-        return torch.stack(rows).to(self.device)
+        if self.device.type != "cuda":
+            return torch.stack(rows).to(self.device)
+        staged = torch.empty((len(rows), *shape), pin_memory=True)  # a copy from pinned memory does not stall
+        return torch.stack(rows, out=staged).to(self.device, non_blocking=True)  # the GPU's queue
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:

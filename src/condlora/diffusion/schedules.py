@@ -39,7 +39,8 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Quantities derived from betas, all (T,) float64 on the CPU; index t = 0..T-1 is DDPM step t+1.
+    """Quantities derived from betas, all (T,) float64 on the betas' device (the CPU unless moved with `to`);
+    index t = 0..T-1 is DDPM step t+1.
 
     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)  (Ho et al. eq. 4).
     """
@@ -61,6 +62,10 @@ class NoiseSchedule:
             return cls(cosine_betas(num_timesteps))
         raise ValueError(f"unknown schedule {name!r}; expected 'linear' or 'cosine'")
 
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """The schedule with its tables on `device` (where a training step gathers from them)."""
+        return NoiseSchedule(self.betas.to(device))
+
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
@@ -77,7 +82,8 @@ class NoiseSchedule:
     @property
     def alphas_cumprod_prev(self) -> torch.Tensor:
         """alpha_bar_{t-1}, with alpha_bar_{-1} = 1."""
-        return torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        ab = self.alphas_cumprod
+        return torch.cat([ab.new_ones(1), ab[:-1]])
 
     @property
     def posterior_variance(self) -> torch.Tensor:
@@ -107,6 +113,7 @@ def schedule_for(cfg: RunConfig) -> NoiseSchedule:
 
 
 def gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] as a (B, 1, ..., 1) tensor broadcastable to `like`, in like's dtype and device."""
+    """values[t] as a (B, 1, ..., 1) tensor broadcastable to `like`, in like's dtype and device. Keep `values`
+    on like's device (the processes' `to`): copying a table from the host stalls a GPU's stream."""
     out = values.to(like.device)[t.to(like.device)].to(like.dtype)
     return out.reshape(-1, *([1] * (like.dim() - 1)))

@@ -248,13 +248,26 @@ def _resume_checkpoint(root: Path, dist: DistContext) -> Checkpoint | None:
     return load_checkpoint(Path(path))
 
 
+_SAMPLER_ONLY = {"edm": ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")}
+
+
+def _changed_training_settings(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """What differs between two configs in the network and the process it is trained with (a resumed run
+    must not change either; the edm section's sampler settings, which only previews read, may)."""
+    changed = []
+    for name in ("model", "nano", "iddpm", "ddpmpp", "lora", "diffusion", "ddpm", "edm"):
+        before, after = getattr(saved, name), getattr(cfg, name)
+        free = {field: getattr(after, field) for field in _SAMPLER_ONLY.get(name, ())}
+        changed += differences(dataclasses.replace(before, **free), after, name)
+    return changed
+
+
 def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
     saved = RunConfig.from_dict(ckpt.state["config"])
-    sections = ("model", "nano", "iddpm", "ddpmpp", "lora")
-    changed = [d for name in sections for d in differences(getattr(saved, name), getattr(cfg, name), name)]
+    changed = _changed_training_settings(saved, cfg)
     if changed:
         raise CheckpointError(
-            f"{ckpt.path} holds another network; resume with its model settings: {'; '.join(changed)}"
+            f"{ckpt.path} holds another network or process; resume with its settings: {'; '.join(changed)}"
         )
     if ckpt.state.get("world_size", 1) != dist.world_size:
         raise CheckpointError(
@@ -419,7 +432,7 @@ def train(
     d = cfg.data
     train_set, _, _ = build_datasets(d.dataset, d.holdout_fraction, d.split_seed, d.image_size or None, d.max_per_class)
     _check_data(cfg, train_set)
-    process = process_for(cfg)
+    process = process_for(cfg).to(dist.device)  # its tables where the training step reads them
     net = _build_network(cfg, dist)
     ckpt_root = out_dir / "checkpoints"
     ckpt = _resume_checkpoint(ckpt_root, dist) if resume else None
