@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import poison_loss, train_until_killed
 
+from condlora.data import DataError
 from condlora.train import EMA, StepBatchSampler, TrainingDiverged, lr_at, train
 from condlora.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest
 
@@ -54,6 +55,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
 def test_resume_refuses_another_network_or_process_and_takes_new_sampler_settings(tiny_config, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(train={"out_dir": str(run)}), run)
+    written = (run / "config.json").read_bytes()
     for changed, message in (
         ({"ddpm": {"schedule": "cosine"}}, "ddpm.schedule: 'linear' -> 'cosine'"),
         ({"diffusion": {"family": "iddpm"}}, "diffusion.family: 'ddpm' -> 'iddpm'"),
@@ -61,9 +63,18 @@ def test_resume_refuses_another_network_or_process_and_takes_new_sampler_setting
     ):
         with pytest.raises(CheckpointError, match=re.escape(message)):
             train(tiny_config(train={"out_dir": str(run), "steps": 14}, **changed), run, resume=True)
+        assert (run / "config.json").read_bytes() == written  # a refused resume leaves the run's settings alone
     sampler_only = {"edm": {"S_churn": 5.0, "rho": 5.0}, "sample": {"steps": 7}}  # only previews read them
     result = train(tiny_config(train={"out_dir": str(run), "steps": 14}, **sampler_only), run, resume=True)
     assert result.steps == 14
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_run_directory_is_made(tiny_config, tmp_path):
+    run = tmp_path / "too-big"
+    cfg = tiny_config(train={"out_dir": str(run), "batch_size": 4096})  # the 8x8 digits hold 1,797 images
+    with pytest.raises(DataError, match=r"train.batch_size=4096 exceeds the \d+ training images"):
+        train(cfg, run)
+    assert not run.exists()
 
 
 def test_checkpoints_are_pruned_and_verified(tiny_config):

@@ -262,7 +262,8 @@ def _changed_training_settings(saved: RunConfig, cfg: RunConfig) -> list[str]:
     return changed
 
 
-def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
+def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, dist: DistContext) -> None:
+    """Refuse to resume with settings that would change the run (before anything is written)."""
     saved = RunConfig.from_dict(ckpt.state["config"])
     changed = _changed_training_settings(saved, cfg)
     if changed:
@@ -273,6 +274,9 @@ def _restore(state: _State, ckpt: Checkpoint, cfg: RunConfig, dist: DistContext)
         raise CheckpointError(
             f"{ckpt.path} was written by {ckpt.state['world_size']} processes; resume with the same number"
         )
+
+
+def _restore(state: _State, ckpt: Checkpoint, dist: DistContext) -> None:
     load_saved_state(state.net, ckpt.tensors["model"], str(ckpt.path))
     state.ema.load_state_dict(ckpt.tensors["ema"])
     optimizer_from_checkpoint(state.opt, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
@@ -338,12 +342,17 @@ class _MetricsLog:
         return means
 
 
+def _check_batch_size(batch_size: int, num_items: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by {world_size} processes")
+    if batch_size > num_items:
+        raise DataError(f"train.batch_size={batch_size} exceeds the {num_items} training images")
+
+
 def _batches(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int):
     """(images, labels) on the training device for steps [start_step, train.steps). Without loader workers the
     (uint8) dataset is moved to the device once and each batch is one indexing operation there; with
     `data.num_workers` a DataLoader assembles batches in worker processes. Both serve the same values."""
-    if cfg.train.batch_size % dist.world_size:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by {dist.world_size} processes")
     sampler = StepBatchSampler(
         len(train_set),
         cfg.train.batch_size,
@@ -374,13 +383,12 @@ def _batches(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_s
         yield x0, labels.to(dist.device, non_blocking=True)
 
 
-def prepare_out_dir(cfg: RunConfig, out_dir: Path, dist: DistContext, preset: str, overwrite: bool = False) -> None:
-    """Create the run directory (clearing an earlier run first with `overwrite`) and write config.json (rank 0)."""
+def _make_out_dir(out_dir: Path, dist: DistContext, overwrite: bool) -> None:
+    """Create the run directory, clearing an earlier run first with `overwrite` (rank 0)."""
     if dist.is_main:
         if overwrite:
             clear_run_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "config.json", {"preset": preset, **cfg.to_dict()})
     dist.barrier()
 
 
@@ -432,11 +440,14 @@ def train(
     d = cfg.data
     train_set, _, _ = build_datasets(d.dataset, d.holdout_fraction, d.split_seed, d.image_size or None, d.max_per_class)
     _check_data(cfg, train_set)
+    _check_batch_size(cfg.train.batch_size, len(train_set), dist.world_size)
     process = process_for(cfg).to(dist.device)  # its tables where the training step reads them
     net = _build_network(cfg, dist)
     ckpt_root = out_dir / "checkpoints"
     ckpt = _resume_checkpoint(ckpt_root, dist) if resume else None
-    prepare_out_dir(cfg, out_dir, dist, preset, overwrite)
+    if ckpt is not None:
+        _check_resumable(ckpt, cfg, dist)
+    _make_out_dir(out_dir, dist, overwrite)
     if ckpt is not None:
         base = ckpt.state.get("base")
         net.load_state_dict(load_base(base, out_dir, net), strict=False)
@@ -445,9 +456,11 @@ def train(
         base = init_base(net, cfg.train.init_from, out_dir, write=dist.is_main, diffusers=diffusers)
     state = _build_state(cfg, net, process, dist, base)
     if ckpt is not None:
-        _restore(state, ckpt, cfg, dist)
+        _restore(state, ckpt, dist)
         if dist.is_main:
             print(f"resuming from {ckpt.path} at step {state.step}")
+    if dist.is_main:  # every check passed: the settings of the run are written last
+        write_json_atomic(out_dir / "config.json", {"preset": preset, **cfg.to_dict()})
     if resume and dist.is_main:
         remove_temporaries(ckpt_root)  # left by a kill during a checkpoint write
         trim_metrics(out_dir / "metrics.csv", state.step)  # the steps after the checkpoint run again
