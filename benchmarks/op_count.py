@@ -7,8 +7,9 @@ ATen operation costs host time, whatever arithmetic it does. This script counts 
 non-view ATen call, through a TorchDispatchMode; nothing is timed) of each family's baseline and LoRA preset
 (nano: mnist-nano-baseline / mnist-nano; edm: EDM DDPM++ CIFAR-10 / UC-LoRA m 18 r 4; iddpm: IDDPM CIFAR-10
 class-conditional / TimeLoRA + ClassLoRA) in a training step's forward (the family's loss) and backward and
-in one sampling call at a shared condition (every LoRA layer on its merged path), and prints the operations
-added per LoRA layer. Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
+in one sampling call at a shared condition (every LoRA layer on its merged path; after a first call, as in a
+sampler, so the stacks of parameters that binding keeps between calls are not counted), and prints the
+operations added per LoRA layer. Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
 the batch size.
 """
 
@@ -59,7 +60,8 @@ def count(preset: str, overrides: dict, shape: tuple[int, ...], level: float, ba
     shared = Conditions(labels=None if labels is None else torch.full_like(labels, 3), shared=True)
     steps = torch.full((batch,), level)  # int64 steps for DDPM / IDDPM, float sigma for EDM
     with torch.no_grad():
-        sampling, _ = _count(lambda: process.predict(net, x, steps, shared))
+        process.predict(net, x, steps, shared)  # warm-up: a sampler calls the network many times; the stacks of
+        sampling, _ = _count(lambda: process.predict(net, x, steps, shared))  # parameters it keeps are made once
     return [forward, backward, sampling], len(list(conditioned_layers(net)))
 
 

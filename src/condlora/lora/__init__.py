@@ -2,7 +2,9 @@
 
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.lora.files import export_peft, load_lora, read_lora, save_lora
+from condlora.lora.grouping import StackCache
 from condlora.lora.inject import (
+    LoRALayers,
     bind_conditions,
     conditioned_layers,
     inject_conditioned_lora,
@@ -29,10 +31,12 @@ __all__ = [
     "ClassSelect",
     "ClassTable",
     "ConditionedLoRA",
+    "LoRALayers",
     "LoRASpec",
     "NULL_LABEL",
     "Conditions",
     "PlainLoRA",
+    "StackCache",
     "TimeTable",
     "basis_timesteps",
     "bind_conditions",

@@ -7,31 +7,97 @@ a call (`bind_conditions`) computes here, once for each group of alike layers: t
 condition, their merged weights (`grouped_merged_weights`). Each layer then only projects. Where a step is
 bound by launching kernels (a GPU, eager), a few operations per group instead of a few per layer is most of
 what the conditioning costs.
+
+Grouping stacks the layers' parameters (time tables, MLP weights, adapters, base weights). A `StackCache`
+keeps those stacks from one call to the next while their sources stay as they are, so a sampling call,
+whose parameters never change, stacks nothing after the first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from condlora.conditions import Conditions
 from condlora.lora.layer import scaled_up
+from condlora.lora.strategies import Stack
 
 if TYPE_CHECKING:
     from condlora.lora.layer import ConditionedLoRA, Merged
 
 
-def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torch.Tensor | None]:
+def stack_parameters(tensors: Sequence[torch.Tensor], shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The tensors, each viewed as `shape` if given (a 1x1 kernel as a matrix), stacked along a new first
+    dimension."""
+    return torch.stack(tensors if shape is None else [t.view(shape) for t in tensors])
+
+
+class StackCache:
+    """Stacks of parameters kept from one binding to the next while their sources are unchanged.
+
+    A stack is served again when every source is the same tensor object with the same storage and has seen
+    no in-place write since (its version counter): an optimizer step, `load_state_dict`, an EMA swap,
+    `merge()` or `.to()` all make it anew. It is made afresh where autograd must see it (a source requires
+    grad and grad is enabled: training) and under `torch.compile` (which fuses the stack away); a stack made
+    in inference mode is served only there. What one binding did not ask for is dropped at its end, so the
+    cache holds at most one copy of what a call stacks (with a shared condition: the adapters and the base
+    weights merged together, at most MERGE_LIMIT elements of them).
+    """
+
+    def __init__(self):
+        self._kept: dict[tuple[int, ...], _Kept] = {}
+        self._asked: dict[tuple[int, ...], _Kept] = {}
+
+    def stack(self, tensors: Sequence[torch.Tensor], shape: Sequence[int] | None = None) -> torch.Tensor:
+        """`stack_parameters(tensors, shape)`, kept for the next binding. The tensors must be parameters or
+        buffers (the same objects on every call): a fresh tensor is never found again."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return stack_parameters(tensors, shape)
+        key = (*map(id, tensors), shape)  # the entry holds the tensors, so no other tensor can take these ids
+        kept = self._asked.get(key) or self._kept.get(key)
+        if kept is None or not kept.holds(tensors):
+            kept = _Kept(tensors, shape)
+        self._asked[key] = kept
+        return kept.stacked
+
+    def end_binding(self) -> None:
+        """Drop what this binding did not ask for (stacks of parameters it no longer groups together)."""
+        self._kept, self._asked = self._asked, {}
+
+
+class _Kept:
+    """A stack with what it was made from: the source tensors, their storages (held, so that no other
+    tensor can be given their addresses) and their versions."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], shape: Sequence[int] | None):
+        self.sources = tuple(tensors)
+        self.storages = [t.detach() for t in tensors]
+        self.addresses = [t.data_ptr() for t in tensors]
+        self.versions = [t._version for t in tensors]
+        self.inference = torch.is_inference_mode_enabled()
+        self.stacked = stack_parameters(tensors, shape)
+
+    def holds(self, tensors: Sequence[torch.Tensor]) -> bool:
+        if self.inference and not torch.is_inference_mode_enabled():
+            return False
+        return [t._version for t in tensors] == self.versions and [t.data_ptr() for t in tensors] == self.addresses
+
+
+def grouped_omegas(
+    layers: Sequence[ConditionedLoRA], cond: Conditions, stack: Stack = torch.stack
+) -> list[torch.Tensor | None]:
     """Each layer's omega for a call with `cond` (what `layer.omega` gives), computed for all layers with equal
     `group_key` at once: a few operations per group instead of a few per layer. None for a layer that
-    computes its own (its strategies read the input, or have no grouped form)."""
+    computes its own (its strategies read the input, or have no grouped form). `stack` stacks the
+    strategies' parameters (a StackCache's keeps them for the next call)."""
     omegas: list[torch.Tensor | None] = [None] * len(layers)
     for indices in _groups([layer.group_key() for layer in layers]):
         members = [layers[i] for i in indices]
         first, dtype = members[0], members[0].lora_down.dtype
         parts = [
-            type(strategy).grouped([m.strategies[name] for m in members], cond, dtype).to(dtype)
+            type(strategy).grouped([m.strategies[name] for m in members], cond, dtype, stack).to(dtype)
             for name, strategy in first.strategies.items()
         ]
         omega = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (L, B, M)
@@ -44,7 +110,9 @@ def grouped_omegas(layers: list[ConditionedLoRA], cond: Conditions) -> list[torc
     return omegas
 
 
-def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def grouped_bias_terms(
+    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], stack: Stack = torch.stack
+) -> list[torch.Tensor | None]:
     """sum_i omega_i b_i (B, C_out) of each layer with a per-basis bias whose omega is given, for layers of
     one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere."""
     keys = [
@@ -57,7 +125,7 @@ def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor 
     for indices in _groups(keys):
         rank = layers[indices[0]].rank
         scale = torch.stack([omegas[i] for i in indices]).repeat_interleave(rank, dim=-1)  # (L, B, r*M)
-        stacked = torch.bmm(scale, torch.stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
+        stacked = torch.bmm(scale, stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
         for i, term in zip(indices, stacked.unbind(0), strict=True):
             terms[i] = term
     return terms
@@ -66,7 +134,9 @@ def grouped_bias_terms(layers: list[ConditionedLoRA], omegas: list[torch.Tensor 
 MERGE_LIMIT = 1 << 22  # elements: merged weights computed together for one call, all shapes together
 
 
-def grouped_merged_weights(layers: list[ConditionedLoRA], omegas: list[torch.Tensor | None]) -> list[Merged | None]:
+def grouped_merged_weights(
+    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], stack: Stack = stack_parameters
+) -> list[Merged | None]:
     """For a call whose samples share one condition: each layer's merged weight W + sum_i omega_i B_i A_i
     (C_out, C_in) and bias (its base bias plus sum_i omega_i b_i with a per-basis bias), computed for layers of
     one shape at once: a few operations per shape instead of a few per layer. The merged weights are held
@@ -86,16 +156,15 @@ def grouped_merged_weights(layers: list[ConditionedLoRA], omegas: list[torch.Ten
         members = [layers[i] for i in part]
         ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
         omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
-        weights = torch.baddbmm(
-            torch.stack(base_weights), scaled_up(torch.stack(ups), omega, first.rank), torch.stack(downs)
-        )  # (L, C_out, C_in): W + sum_i omega_i B_i A_i
+        base = stack(base_weights, (first.c_out, first.c_in))  # (a 1x1 kernel viewed as a matrix)
+        weights = torch.baddbmm(base, scaled_up(stack(ups), omega, first.rank), stack(downs))  # W + sum omega_i B_i A_i
         if first.basis_bias is not None:
             scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
-            basis = torch.stack(basis_biases)  # (L, r*M, C_out)
+            basis = stack(basis_biases)  # (L, r*M, C_out)
             if biases[0] is None:
                 stacked = torch.bmm(scale, basis)
             else:
-                stacked = torch.baddbmm(torch.stack(biases)[:, None, :], scale, basis)
+                stacked = torch.baddbmm(stack(biases)[:, None, :], scale, basis)
             biases = list(stacked[:, 0].unbind(0))
         for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
             merged[i] = (weight, bias)

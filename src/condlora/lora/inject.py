@@ -3,11 +3,13 @@
 Conditions reach the layers explicitly: `bind_conditions(model, cond)` hands them to every conditioned
 layer of `model` for the duration of one forward call and takes them back afterwards, so no state
 outlives the call and nothing is global. Foreign modules (a diffusers UNet's `to_q`) keep their own
-signatures.
+signatures. A backbone keeps the `LoRALayers` that `inject_lora` returns and binds those on every call:
+they carry the stacks of parameters that binding may reuse from one call to the next.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +18,13 @@ import torch
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.grouping import grouped_bias_terms, grouped_merged_weights, grouped_omegas
+from condlora.lora.grouping import (
+    StackCache,
+    grouped_bias_terms,
+    grouped_merged_weights,
+    grouped_omegas,
+    stack_parameters,
+)
 from condlora.lora.layer import CallValues, ConditionedLoRA
 from condlora.lora.spec import LoRASpec
 
@@ -69,13 +77,32 @@ def inject_conditioned_lora(
     return [name for name, _ in found]
 
 
-def inject_lora(model: nn.Module, spec: LoRASpec) -> list[ConditionedLoRA]:
+class LoRALayers(Sequence[ConditionedLoRA]):
+    """The conditioned LoRA layers of a network in module order, as a backbone binds them on every call,
+    with the stacks of their parameters that binding keeps between calls (`StackCache`). A copy of the
+    network (`copy.deepcopy`) gets its own layers and an empty cache."""
+
+    def __init__(self, layers: Sequence[ConditionedLoRA] = ()):
+        self.layers = tuple(layers)
+        self.stacks = StackCache()
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __deepcopy__(self, memo: dict) -> LoRALayers:
+        return LoRALayers(copy.deepcopy(self.layers, memo))
+
+
+def inject_lora(model: nn.Module, spec: LoRASpec) -> LoRALayers:
     """Wrap the modules `spec.targets` names with the adapters and strategies `spec` describes; returns the
     layers (in module order) so a backbone can bind conditions to them on every call."""
     inject_conditioned_lora(
         model, spec.targets, spec.strategies, spec.rank, spec.basis_bias, spec.alpha or None, spec.dropout
     )
-    return [layer for _, layer in conditioned_layers(model)]
+    return LoRALayers([layer for _, layer in conditioned_layers(model)])
 
 
 def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]]:
@@ -91,13 +118,21 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
     then take it back. The layers' omegas for `cond` are computed here, together (`grouped_omegas`), and so
     are their per-basis bias terms (`grouped_bias_terms`) or, when the samples share one condition, their
     merged weights (`grouped_merged_weights`): they hold for forward calls with the parameters, merges and
-    train / eval mode of the moment of binding (bind again after changing any of these)."""
-    layers = [layer for _, layer in conditioned_layers(model)] if isinstance(model, nn.Module) else list(model)
+    train / eval mode of the moment of binding (bind again after changing any of these). Given `LoRALayers`,
+    the parameters stacked to compute these are kept for the next binding while they stay unchanged."""
+    if isinstance(model, nn.Module):
+        layers = [layer for _, layer in conditioned_layers(model)]
+    else:
+        layers = list(model)
+    stacks = model.stacks if isinstance(model, LoRALayers) else None
+    stack = stack_parameters if stacks is None else stacks.stack
     previous = [(layer.conditions, layer.call) for layer in layers]
-    omegas = grouped_omegas(layers, cond)
+    omegas = grouped_omegas(layers, cond, stack)
     nothing = [None] * len(layers)
-    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas)  # a shared call merges them in the bias
-    merged = grouped_merged_weights(layers, omegas) if cond.shared else nothing
+    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, stack)  # shared: merged in the bias
+    merged = grouped_merged_weights(layers, omegas, stack) if cond.shared else nothing
+    if stacks is not None:
+        stacks.end_binding()
     for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
         layer.bind(cond, CallValues(cond, omega, term, weight))
     try:

@@ -256,9 +256,10 @@ class ConditionedLoRA(nn.Module):
         return self._project(x, weight, bias)
 
     def merge_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """What a merged weight and bias are made of: B (C_out, r*M), A (r*M, C_in), W (C_out, C_in), the base
-        bias and the per-basis bias (r*M, C_out), each None where the layer has none."""
-        return self.lora_up, self.lora_down, self.base_weight(), self.base_layer.bias, self.basis_bias
+        """What a merged weight and bias are made of, each the parameter itself (so a stack of them can be kept
+        between calls): B (C_out, r*M), A (r*M, C_in), the base weight (C_out, C_in, or a 1x1 kernel of those
+        sizes), the base bias and the per-basis bias (r*M, C_out), each None where the layer has none."""
+        return self.lora_up, self.lora_down, self.base_layer.weight, self.base_layer.bias, self.basis_bias
 
     def base_weight(self) -> torch.Tensor:
         """The base layer's weight as a (C_out, C_in) matrix (a view of a convolution's kernel)."""

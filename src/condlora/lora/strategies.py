@@ -8,14 +8,16 @@ router), omega for every position in x's layout with num_bases channels; such a 
 (`Conditions.check`).
 
 A strategy whose omega depends on the conditions alone may also offer `group_key()` and
-`grouped(strategies, cond, dtype)`: the omegas (L, B, num_bases) of L alike strategies (equal keys), one per
-layer, in a few operations for the whole network instead of a few per layer (`grouped_omegas` in
-`condlora.lora.grouping`). Where the network's step is bound by launching kernels (a GPU), this is most of what
-the conditioning costs.
+`grouped(strategies, cond, dtype, stack)`: the omegas (L, B, num_bases) of L alike strategies (equal keys),
+one per layer, in a few operations for the whole network instead of a few per layer (`grouped_omegas` in
+`condlora.lora.grouping`); it stacks their parameters with `stack` (which may keep the stack for the next
+call, so it is given parameters and buffers only). Where the network's step is bound by launching kernels
+(a GPU), this is most of what the conditioning costs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -26,6 +28,7 @@ from condlora.conditions import Conditions
 from condlora.ops import group_norm
 
 OmegaInit = Literal["linear", "onehot", "gaussian"]
+Stack = Callable[..., torch.Tensor]  # stacks parameters: torch.stack, or StackCache.stack (which keeps them)
 STACK_LIMIT = 1 << 22  # elements: tables up to this size in all are stacked per call to gather them at once
 
 
@@ -108,10 +111,10 @@ class TimeTable(nn.Module):
         return self.num_timesteps, self.num_bases
 
     @staticmethod
-    def grouped(tables: list[TimeTable], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+    def grouped(tables: list[TimeTable], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
         steps = _require(cond.step, "step", "TimeLoRA")
         if len(tables) * tables[0].table.numel() <= STACK_LIMIT:  # one gather from the stacked tables
-            return torch.stack([t.table for t in tables])[:, steps]  # (L, B, m+1)
+            return stack([t.table for t in tables])[:, steps]  # (L, B, m+1)
         return torch.stack([t.table[steps] for t in tables])  # large (e.g. one-hot T x T) tables: gather each
 
 
@@ -141,7 +144,7 @@ class ClassSelect(nn.Module):
         return (self.num_classes,)
 
     @staticmethod
-    def grouped(selects: list[ClassSelect], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+    def grouped(selects: list[ClassSelect], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
         weights = selects[0].class_weights(cond, dtype)  # the same one-hot rows for every layer
         return weights.expand(len(selects), *weights.shape)  # (L, B, C), no copy
 
@@ -162,8 +165,8 @@ class ClassTable(ClassSelect):
         return self.num_classes, self.num_bases
 
     @staticmethod
-    def grouped(tables: list[ClassTable], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
-        stacked = torch.stack([t.table for t in tables])  # (L, C, m)
+    def grouped(tables: list[ClassTable], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
+        stacked = stack([t.table for t in tables])  # (L, C, m)
         return tables[0].class_weights(cond, stacked.dtype) @ stacked  # (B, C) @ (L, C, m) -> (L, B, m)
 
 
@@ -196,7 +199,7 @@ class UCMLP(nn.Module):
         return self.sizes
 
     @staticmethod
-    def grouped(mlps: list[UCMLP], cond: Conditions, dtype: torch.dtype) -> torch.Tensor:
+    def grouped(mlps: list[UCMLP], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
         """The L MLPs side by side: each Linear one batched product over the stacked weights, each GroupNorm
         one layer norm over every layer's groups (GroupNorm of a (B, C) input normalises each group of C / G
         channels alone) followed by the stacked per-channel affine."""
@@ -205,10 +208,10 @@ class UCMLP(nn.Module):
         for modules in zip(*(m.mlp for m in mlps), strict=True):  # module k of every MLP
             module = modules[0]
             if isinstance(module, nn.Linear):  # as (W h^T + b)^T: the weights' gradients come out in their layout
-                weight, bias = _stacked(modules)
+                weight, bias = _stacked(modules, stack)
                 h = torch.baddbmm(bias[:, :, None], weight, h.mT).mT  # (L, B, width)
             elif isinstance(module, nn.GroupNorm):
-                weight, bias = _stacked(modules)
+                weight, bias = _stacked(modules, stack)
                 groups = h.unflatten(-1, (module.num_groups, -1))
                 normed = F.layer_norm(groups, groups.shape[-1:], eps=module.eps).flatten(-2)
                 h = torch.addcmul(bias[:, None, :], normed, weight[:, None, :])
@@ -217,9 +220,9 @@ class UCMLP(nn.Module):
         return h  # (L, B, m)
 
 
-def _stacked(modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked(modules: tuple[nn.Module, ...], stack: Stack) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights and the biases of alike modules, each stacked along a new first dimension."""
-    return torch.stack([m.weight for m in modules]), torch.stack([m.bias for m in modules])
+    return stack([m.weight for m in modules]), stack([m.bias for m in modules])
 
 
 class PlainLoRA(nn.Module):
