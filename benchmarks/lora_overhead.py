@@ -23,7 +23,7 @@ import torch
 from _timing import describe, median_pair
 
 from condlora.conditions import Conditions
-from condlora.lora import ConditionedLoRA, conditioned_layers
+from condlora.lora import ConditionedLoRA, conditioned_layers, keep_stacks
 from condlora.nets import build_network
 from condlora.presets import build_config
 
@@ -83,7 +83,8 @@ def sampling_ratios(batch: int, repeats: int) -> tuple[float, float]:
     base.eval(), lora.eval()
     x, t, cond = _data(batch, shared=True)
     level = t.float()
-    merged, baseline = _median_pair(lambda: lora(x, level, cond), lambda: base(x, level, cond), repeats)
+    with keep_stacks(lora):  # as a sampler does: the parameters stay fixed over its calls
+        merged, baseline = _median_pair(lambda: lora(x, level, cond), lambda: base(x, level, cond), repeats)
     unshared = cond.replace(shared=False)  # the same values, but nobody vouches that they are shared
     batched, baseline2 = _median_pair(lambda: lora(x, level, unshared), lambda: base(x, level, cond), repeats)
     print(f"sampling step      baseline {baseline * 1e3:8.1f} ms   merged LoRA {merged * 1e3:8.1f} ms   "
@@ -103,7 +104,7 @@ def host_ratios(repeats: int) -> tuple[float, float]:
     train = _median_pair(*steps, repeats)
     base.eval(), lora.eval()
     x, t, cond = _data(1, shared=True, size=8)
-    with torch.no_grad():
+    with torch.no_grad(), keep_stacks(lora):
         merged = _median_pair(lambda: lora(x, t.float(), cond), lambda: base(x, t.float(), cond), repeats)
     torch.set_num_threads(threads)
     for what, (with_lora, baseline) in (("training step", train), ("sampling step", merged)):

@@ -7,9 +7,9 @@ ATen operation costs host time, whatever arithmetic it does. This script counts 
 non-view ATen call, through a TorchDispatchMode; nothing is timed) of each family's baseline and LoRA preset
 (nano: mnist-nano-baseline / mnist-nano; edm: EDM DDPM++ CIFAR-10 / UC-LoRA m 18 r 4; iddpm: IDDPM CIFAR-10
 class-conditional / TimeLoRA + ClassLoRA) in a training step's forward (the family's loss) and backward and
-in one sampling call at a shared condition (every LoRA layer on its merged path; after a first call, as in a
-sampler, so the stacks of parameters that binding keeps between calls are not counted), and prints the
-operations added per LoRA layer. Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
+in one sampling call at a shared condition (every LoRA layer on its merged path; after a first call inside
+`keep_stacks`, as in a sampler, so the stacks of parameters kept over its calls are not counted), and prints
+the operations added per LoRA layer. Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
 the batch size.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from condlora.conditions import Conditions
 from condlora.diffusion import process_for
-from condlora.lora import conditioned_layers
+from condlora.lora import conditioned_layers, keep_stacks
 from condlora.nets import build_network
 from condlora.ops import CountOps
 from condlora.presets import build_config
@@ -59,9 +59,9 @@ def count(preset: str, overrides: dict, shape: tuple[int, ...], level: float, ba
     net.eval()
     shared = Conditions(labels=None if labels is None else torch.full_like(labels, 3), shared=True)
     steps = torch.full((batch,), level)  # int64 steps for DDPM / IDDPM, float sigma for EDM
-    with torch.no_grad():
-        process.predict(net, x, steps, shared)  # warm-up: a sampler calls the network many times; the stacks of
-        sampling, _ = _count(lambda: process.predict(net, x, steps, shared))  # parameters it keeps are made once
+    with torch.no_grad(), keep_stacks(net):  # as a sampler: the stacks of parameters are made on its first call
+        process.predict(net, x, steps, shared)
+        sampling, _ = _count(lambda: process.predict(net, x, steps, shared))
     return [forward, backward, sampling], len(list(conditioned_layers(net)))
 
 

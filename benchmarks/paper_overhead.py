@@ -28,7 +28,7 @@ from _timing import describe, median_pair
 
 from condlora.conditions import Conditions
 from condlora.diffusion import process_for
-from condlora.lora import conditioned_layers
+from condlora.lora import conditioned_layers, keep_stacks
 from condlora.nets import build_network
 from condlora.presets import build_config
 
@@ -108,7 +108,8 @@ def sampling_ratio(family, device, width, batch, precision, repeats) -> float:
 
         return run
 
-    t_lora, t_base = median_pair(call(lora), call(base), repeats, device)
+    with keep_stacks(lora):  # as a sampler does: the parameters stay fixed over its calls
+        t_lora, t_base = median_pair(call(lora), call(base), repeats, device)
     print(f"sampling call  batch {batch:4d} {precision}  baseline {t_base * 1e3:8.1f} ms   LoRA {t_lora * 1e3:8.1f} ms")
     return t_lora / t_base
 

@@ -13,6 +13,7 @@ from condlora.config import SampleConfig
 from condlora.diffusion.guidance import Guidance, autolora, classifier_free, guided, with_lora_scale
 from condlora.diffusion.process import Network, Process
 from condlora.diffusion.samplers import PerSampleNoise
+from condlora.lora import keep_stacks
 
 
 def sample_labels(cfg: SampleConfig, num_classes: int) -> torch.Tensor:
@@ -92,13 +93,14 @@ def generate(
     began = time.perf_counter()
     chunks = []
     starts = range(0, cfg.count, cfg.batch_size)
-    for start in tqdm(starts, disable=not progress, desc="sampling", unit="batch"):
-        batch_labels = labels[start : start + cfg.batch_size]
-        noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
-        cond = batch_conditions(batch_labels, num_classes, device)
-        denoise = guided(predict, sample_guidance(cfg, cond, len(batch_labels), device), cfg.branches_per_call)
-        x = process.sample(denoise, noise, image_shape, cfg)
-        chunks.append(x.clamp(-1, 1).cpu())
+    with keep_stacks(net):  # the network stays as it is: its LoRA layers stack their parameters once
+        for start in tqdm(starts, disable=not progress, desc="sampling", unit="batch"):
+            batch_labels = labels[start : start + cfg.batch_size]
+            noise = PerSampleNoise([cfg.seed + start + i for i in range(len(batch_labels))], device)
+            cond = batch_conditions(batch_labels, num_classes, device)
+            guidance = sample_guidance(cfg, cond, len(batch_labels), device)
+            x = process.sample(guided(predict, guidance, cfg.branches_per_call), noise, image_shape, cfg)
+            chunks.append(x.clamp(-1, 1).cpu())
     if stats is not None:
         stats.update(network_calls=calls[0], batches=len(starts), seconds=time.perf_counter() - began)
     return torch.cat(chunks), labels

@@ -9,13 +9,14 @@ bound by launching kernels (a GPU, eager), a few operations per group instead of
 what the conditioning costs.
 
 Grouping stacks the layers' parameters (time tables, MLP weights, adapters, base weights). A `StackCache`
-keeps those stacks from one call to the next while their sources stay as they are, so a sampling call,
-whose parameters never change, stacks nothing after the first.
+keeps those stacks from one call to the next while a sampler keeps it open, so a sampler's calls stack
+nothing after the first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,54 +36,51 @@ def stack_parameters(tensors: Sequence[torch.Tensor], shape: Sequence[int] | Non
 
 
 class StackCache:
-    """Stacks of parameters kept from one binding to the next while their sources are unchanged.
+    """Stacks of parameters kept from one binding to the next while a caller keeps them (`keeping`).
 
-    A stack is served again when every source is the same tensor object with the same storage and has seen
-    no in-place write since (its version counter): an optimizer step, `load_state_dict`, an EMA swap,
-    `merge()` or `.to()` all make it anew. It is made afresh where autograd must see it (a source requires
-    grad and grad is enabled: training) and under `torch.compile` (which fuses the stack away); a stack made
-    in inference mode is served only there. What one binding did not ask for is dropped at its end, so the
-    cache holds at most one copy of what a call stacks (with a shared condition: the adapters and the base
-    weights merged together, at most MERGE_LIMIT elements of them).
+    A sampler calls its network tens to thousands of times with the same parameters: inside `keep_stacks`
+    (`condlora.lora.inject`), which `generate` opens around its sampling loop, each stack is made on the
+    first call and served on the others, and all are dropped when it closes. The caller vouches that the
+    network's parameters, buffers, modes and merges stay as they are meanwhile, as it vouches for a shared
+    condition (`Conditions.shared`): nothing is checked per call. Outside it, and wherever autograd must see
+    the stack (a source requires grad and grad is enabled), under `torch.compile` (which fuses the stack
+    away) or while tracing, every stack is made anew.
     """
 
     def __init__(self):
-        self._kept: dict[tuple[int, ...], _Kept] = {}
-        self._asked: dict[tuple[int, ...], _Kept] = {}
+        self._kept: dict[tuple, torch.Tensor] = {}
+        self._sources: list[Sequence[torch.Tensor]] = []  # held, so no other tensor can take their ids
+        self._depth = 0
 
-    def stack(self, tensors: Sequence[torch.Tensor], shape: Sequence[int] | None = None) -> torch.Tensor:
-        """`stack_parameters(tensors, shape)`, kept for the next binding. The tensors must be parameters or
-        buffers (the same objects on every call): a fresh tensor is never found again."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    def stack(self, tensors: Sequence[torch.Tensor], shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """`stack_parameters(tensors, shape)`, kept while the cache is kept open. The tensors must be
+        parameters or buffers (the same objects on every call): a fresh tensor is never found again."""
+        if _must_stack_anew(tensors) or not self._depth:  # (a compiler never reads the depth: no guard on it)
             return stack_parameters(tensors, shape)
-        key = (*map(id, tensors), shape)  # the entry holds the tensors, so no other tensor can take these ids
-        kept = self._asked.get(key) or self._kept.get(key)
-        if kept is None or not kept.holds(tensors):
-            kept = _Kept(tensors, shape)
-        self._asked[key] = kept
-        return kept.stacked
+        key = (*map(id, tensors), shape, torch.is_inference_mode_enabled())
+        stacked = self._kept.get(key)
+        if stacked is None:
+            stacked = self._kept[key] = stack_parameters(tensors, shape)
+            self._sources.append(tensors)
+        return stacked
 
-    def end_binding(self) -> None:
-        """Drop what this binding did not ask for (stacks of parameters it no longer groups together)."""
-        self._kept, self._asked = self._asked, {}
+    @contextmanager
+    def keeping(self) -> Iterator[None]:
+        """Keep stacks for the enclosed calls (nested: until the outermost closes), then drop them."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._kept, self._sources = {}, []
 
 
-class _Kept:
-    """A stack with what it was made from: the source tensors, their storages (held, so that no other
-    tensor can be given their addresses) and their versions."""
-
-    def __init__(self, tensors: Sequence[torch.Tensor], shape: Sequence[int] | None):
-        self.sources = tuple(tensors)
-        self.storages = [t.detach() for t in tensors]
-        self.addresses = [t.data_ptr() for t in tensors]
-        self.versions = [t._version for t in tensors]
-        self.inference = torch.is_inference_mode_enabled()
-        self.stacked = stack_parameters(tensors, shape)
-
-    def holds(self, tensors: Sequence[torch.Tensor]) -> bool:
-        if self.inference and not torch.is_inference_mode_enabled():
-            return False
-        return [t._version for t in tensors] == self.versions and [t.data_ptr() for t in tensors] == self.addresses
+def _must_stack_anew(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a stack must be made on this call: autograd must see it, or a compiler or tracer records it."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def grouped_omegas(

@@ -4,7 +4,7 @@ Conditions reach the layers explicitly: `bind_conditions(model, cond)` hands the
 layer of `model` for the duration of one forward call and takes them back afterwards, so no state
 outlives the call and nothing is global. Foreign modules (a diffusers UNet's `to_q`) keep their own
 signatures. A backbone keeps the `LoRALayers` that `inject_lora` returns and binds those on every call:
-they carry the stacks of parameters that binding may reuse from one call to the next.
+they carry the stacks of parameters that binding reuses from one call to the next inside `keep_stacks`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -79,8 +79,8 @@ def inject_conditioned_lora(
 
 class LoRALayers(Sequence[ConditionedLoRA]):
     """The conditioned LoRA layers of a network in module order, as a backbone binds them on every call,
-    with the stacks of their parameters that binding keeps between calls (`StackCache`). A copy of the
-    network (`copy.deepcopy`) gets its own layers and an empty cache."""
+    with the stacks of their parameters that binding keeps between calls inside `keep_stacks`
+    (`StackCache`). A copy of the network (`copy.deepcopy`) gets its own layers and cache."""
 
     def __init__(self, layers: Sequence[ConditionedLoRA] = ()):
         self.layers = tuple(layers)
@@ -105,6 +105,21 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> LoRALayers:
     return LoRALayers([layer for _, layer in conditioned_layers(model)])
 
 
+@contextmanager
+def keep_stacks(model: nn.Module | object) -> Iterator[None]:
+    """Keep the stacks of parameters that binding makes, from the first call of `model` inside to the last,
+    for every `LoRALayers` a module of `model` holds (what a backbone binds; a model that is not an
+    nn.Module keeps nothing). The caller vouches that the parameters, buffers, train / eval modes and
+    merges of `model` stay as they are inside, as a sampling loop's do; the stacks are dropped on leaving.
+    Outside, every call stacks anew."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    held = [value for module in modules for value in vars(module).values() if isinstance(value, LoRALayers)]
+    with ExitStack() as scope:
+        for layers in held:
+            scope.enter_context(layers.stacks.keeping())
+        yield
+
+
 def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]]:
     """(name, layer) for every conditioned LoRA layer in `model`."""
     for name, module in model.named_modules():
@@ -118,8 +133,8 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
     then take it back. The layers' omegas for `cond` are computed here, together (`grouped_omegas`), and so
     are their per-basis bias terms (`grouped_bias_terms`) or, when the samples share one condition, their
     merged weights (`grouped_merged_weights`): they hold for forward calls with the parameters, merges and
-    train / eval mode of the moment of binding (bind again after changing any of these). Given `LoRALayers`,
-    the parameters stacked to compute these are kept for the next binding while they stay unchanged."""
+    train / eval mode of the moment of binding (bind again after changing any of these). Given `LoRALayers`
+    inside `keep_stacks`, the parameters stacked to compute these are kept for the next binding."""
     if isinstance(model, nn.Module):
         layers = [layer for _, layer in conditioned_layers(model)]
     else:
@@ -131,8 +146,6 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
     nothing = [None] * len(layers)
     terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, stack)  # shared: merged in the bias
     merged = grouped_merged_weights(layers, omegas, stack) if cond.shared else nothing
-    if stacks is not None:
-        stacks.end_binding()
     for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
         layer.bind(cond, CallValues(cond, omega, term, weight))
     try:
