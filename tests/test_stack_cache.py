@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_lora import LAYOUTS, _base, _conditions, _input, _naive, _randomise, _strategies
+from test_lora import LAYOUTS, D, _base, _conditions, _input, _naive, _randomise, _strategies
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -69,6 +69,25 @@ def _binding_ops(layers, cond: Conditions) -> dict[str, int]:
     return ops.counts
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@torch.no_grad()
+def test_inside_the_scope_the_layers_are_grouped_once(shared, monkeypatch):
+    keyed = []
+    for method in ("group_key", "merge_key"):
+        original = getattr(ConditionedLoRA, method)
+        monkeypatch.setattr(ConditionedLoRA, method, lambda self, f=original: keyed.append(self) or f(self))
+    _, layers = _network("uc")
+    cond, inputs = _conditions(4, shared=shared), _inputs()
+    with layers.stacks.keeping():
+        _call(layers, cond, inputs)
+        first = len(keyed)
+        again = _call(layers, cond, inputs)
+        assert len(keyed) == first > 0  # the groups of the first call are served again
+    for a, b in zip(again, _fresh(layers, cond, inputs), strict=True):
+        assert torch.equal(a, b)
+    assert len(keyed) == 2 * first  # the call outside the scope computes them again
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shared", [True, False])
 @torch.no_grad()
@@ -106,12 +125,18 @@ def _replace_data(modules: nn.ModuleList) -> None:
             p.data = torch.randn_like(p)  # a new storage behind the same parameter object
 
 
-@pytest.mark.parametrize("change", [_write_through_data, _load_other_values, _replace_data])
+def _merge_two(modules: nn.ModuleList) -> None:
+    for layer in modules[:2]:  # they leave their shape's merge: each now merges its own
+        layer.merge(_conditions(4, shared=True).replace(embedding=torch.randn(1, D).expand(4, D)))
+
+
+@pytest.mark.parametrize("change", [_write_through_data, _load_other_values, _replace_data, _merge_two])
 @pytest.mark.parametrize("shared", [True, False])
 @torch.no_grad()
-def test_after_the_scope_a_changed_network_is_stacked_anew(change, shared):
+def test_after_the_scope_a_changed_network_is_stacked_and_grouped_anew(change, shared):
     """What a scope kept is dropped on leaving it, so a change between two scopes (an EMA swap, loading
-    other weights, writing through `.data`, which no version counter sees) is in the next call."""
+    other weights, writing through `.data`, which no version counter sees, merging layers) is in the next
+    call."""
     modules, layers = _network("uc")
     cond, inputs = _conditions(4, shared=shared), _inputs()
     with layers.stacks.keeping():
@@ -120,9 +145,11 @@ def test_after_the_scope_a_changed_network_is_stacked_anew(change, shared):
     for scoped in (False, True):
         with layers.stacks.keeping() if scoped else contextlib.nullcontext():
             after = _call(layers, cond, inputs)
-        assert all(not torch.equal(a, b) for a, b in zip(before[:1], after[:1], strict=True))
-        for a, b in zip(after, _fresh(layers, cond, inputs), strict=True):
+        for layer, x, a, b in zip(layers, inputs, after, _fresh(layers, cond, inputs), strict=True):
             assert torch.equal(a, b)
+            assert layer.merged or torch.allclose(a, _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
+        if change is not _merge_two:  # merging changes no output
+            assert not torch.equal(before[0], after[0])
 
 
 def test_scopes_nest_and_an_error_inside_closes_them():

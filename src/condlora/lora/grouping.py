@@ -15,9 +15,10 @@ nothing after the first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -28,6 +29,8 @@ from condlora.lora.strategies import Stack
 if TYPE_CHECKING:
     from condlora.lora.layer import ConditionedLoRA, Merged
 
+T = TypeVar("T")
+
 
 def stack_parameters(tensors: Sequence[torch.Tensor], shape: Sequence[int] | None = None) -> torch.Tensor:
     """The tensors, each viewed as `shape` if given (a 1x1 kernel as a matrix), stacked along a new first
@@ -36,20 +39,23 @@ def stack_parameters(tensors: Sequence[torch.Tensor], shape: Sequence[int] | Non
 
 
 class StackCache:
-    """Stacks of parameters kept from one binding to the next while a caller keeps them (`keeping`).
+    """Stacks of parameters, and the groups of alike layers, kept from one binding to the next while a caller
+    keeps them (`keeping`).
 
     A sampler calls its network tens to thousands of times with the same parameters: inside `keep_stacks`
-    (`condlora.lora.inject`), which `generate` opens around its sampling loop, each stack is made on the
-    first call and served on the others, and all are dropped when it closes. The caller vouches that the
-    network's parameters, buffers, modes and merges stay as they are meanwhile, as it vouches for a shared
-    condition (`Conditions.shared`): nothing is checked per call. Outside it, and wherever autograd must see
-    the stack (a source requires grad and grad is enabled), under `torch.compile` (which fuses the stack
-    away) or while tracing, every stack is made anew.
+    (`condlora.lora.inject`), which `generate` opens around its sampling loop, each stack and each grouping
+    of the layers is made on the first call and served on the others, and all are dropped when it closes.
+    The caller vouches that the network's parameters, buffers, modes and merges stay as they are meanwhile,
+    as it vouches for a shared condition (`Conditions.shared`): nothing is checked per call. Outside it,
+    and wherever autograd must see the stack (a source requires grad and grad is enabled), under
+    `torch.compile` (which fuses the stack away) or while tracing, every stack is made anew.
     """
 
     def __init__(self):
         self._kept: dict[tuple, torch.Tensor] = {}
         self._sources: list[Sequence[torch.Tensor]] = []  # held, so no other tensor can take their ids
+        self._groups: dict[str, list[list[int]]] = {}
+        self._values: dict[tuple, object] = {}
         self._depth = 0
 
     def stack(self, tensors: Sequence[torch.Tensor], shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -64,6 +70,26 @@ class StackCache:
             self._sources.append(tensors)
         return stacked
 
+    def groups(self, kind: str, keys: Callable[[], list[tuple | None]]) -> list[list[int]]:
+        """The indices of the layers with equal `keys()` (see `_groups`), kept while the cache is kept open,
+        where the layers' keys cannot change: computing them is most of binding's host time."""
+        if torch.compiler.is_compiling() or not self._depth:
+            return _groups(keys())
+        found = self._groups.get(kind)
+        if found is None:
+            found = self._groups[kind] = _groups(keys())
+        return found
+
+    def value(self, key: tuple, make: Callable[[], T]) -> T:
+        """make(), kept under `key` while the cache is kept open and grad is off (a sampler's calls: what it
+        makes from the parameters then needs no graph)."""
+        if _must_stack_anew(()) or torch.is_grad_enabled() or not self._depth:
+            return make()
+        key = (*key, torch.is_inference_mode_enabled())
+        if key not in self._values:
+            self._values[key] = make()
+        return self._values[key]
+
     @contextmanager
     def keeping(self) -> Iterator[None]:
         """Keep stacks for the enclosed calls (nested: until the outermost closes), then drop them."""
@@ -73,7 +99,7 @@ class StackCache:
         finally:
             self._depth -= 1
             if not self._depth:
-                self._kept, self._sources = {}, []
+                self._kept, self._sources, self._groups, self._values = {}, [], {}, {}
 
 
 def _must_stack_anew(tensors: Sequence[torch.Tensor]) -> bool:
@@ -84,14 +110,16 @@ def _must_stack_anew(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def grouped_omegas(
-    layers: Sequence[ConditionedLoRA], cond: Conditions, stack: Stack = torch.stack
+    layers: Sequence[ConditionedLoRA], cond: Conditions, kept: StackCache | None = None
 ) -> list[torch.Tensor | None]:
     """Each layer's omega for a call with `cond` (what `layer.omega` gives), computed for all layers with equal
     `group_key` at once: a few operations per group instead of a few per layer. None for a layer that
-    computes its own (its strategies read the input, or have no grouped form). `stack` stacks the
-    strategies' parameters (a StackCache's keeps them for the next call)."""
+    computes its own (its strategies read the input, or have no grouped form). `kept` may keep the groups
+    and the stacked parameters for the next call (here, as in the functions below)."""
+    kept = kept if kept is not None else StackCache()
     omegas: list[torch.Tensor | None] = [None] * len(layers)
-    for indices in _groups([layer.group_key() for layer in layers]):
+    stack = kept.stack
+    for indices in kept.groups("omega", lambda: [layer.group_key() for layer in layers]):
         members = [layers[i] for i in indices]
         first, dtype = members[0], members[0].lora_down.dtype
         parts = [
@@ -109,18 +137,23 @@ def grouped_omegas(
 
 
 def grouped_bias_terms(
-    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], stack: Stack = torch.stack
+    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], kept: StackCache | None = None
 ) -> list[torch.Tensor | None]:
     """sum_i omega_i b_i (B, C_out) of each layer with a per-basis bias whose omega is given, for layers of
     one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere."""
-    keys = [
-        None
-        if layer.basis_bias is None or omega is None
-        else (layer.basis_bias.shape, layer.rank, layer.basis_bias.dtype, layer.basis_bias.device)
-        for layer, omega in zip(layers, omegas, strict=True)
-    ]
+
+    def keys() -> list[tuple | None]:
+        return [
+            None
+            if layer.basis_bias is None or omega is None
+            else (layer.basis_bias.shape, layer.rank, layer.basis_bias.dtype, layer.basis_bias.device)
+            for layer, omega in zip(layers, omegas, strict=True)
+        ]
+
+    kept = kept if kept is not None else StackCache()
     terms: list[torch.Tensor | None] = [None] * len(layers)
-    for indices in _groups(keys):
+    stack = kept.stack
+    for indices in kept.groups("bias", keys):
         rank = layers[indices[0]].rank
         scale = torch.stack([omegas[i] for i in indices]).repeat_interleave(rank, dim=-1)  # (L, B, r*M)
         stacked = torch.bmm(scale, stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
@@ -133,7 +166,7 @@ MERGE_LIMIT = 1 << 22  # elements: merged weights computed together for one call
 
 
 def grouped_merged_weights(
-    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], stack: Stack = stack_parameters
+    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], kept: StackCache | None = None
 ) -> list[Merged | None]:
     """For a call whose samples share one condition: each layer's merged weight W + sum_i omega_i B_i A_i
     (C_out, C_in) and bias (its base bias plus sum_i omega_i b_i with a per-basis bias), computed for layers of
@@ -142,23 +175,25 @@ def grouped_merged_weights(
     every preset; a large model's layers are not launch-bound, and would hold a copy of their weights).
     None for a layer that merges its own: its omega is its own, it holds a merged delta, it drops its input in
     training, it is alone in its shape, or its weights do not fit in what is left of MERGE_LIMIT."""
-    keys = [None if omega is None else layer.merge_key() for layer, omega in zip(layers, omegas, strict=True)]
+
+    def keys() -> list[tuple | None]:
+        return [None if omega is None else layer.merge_key() for layer, omega in zip(layers, omegas, strict=True)]
+
+    kept = kept if kept is not None else StackCache()
     merged: list[Merged | None] = [None] * len(layers)
-    budget = MERGE_LIMIT
-    for indices in _groups(keys):
+    stack, budget = kept.stack, MERGE_LIMIT
+    for indices in kept.groups("merge", keys):
         first = layers[indices[0]]
         part = indices[: budget // (first.c_out * first.c_in)]
         if len(part) < 2:  # nothing to share: the layers merge their own
             continue
         budget -= len(part) * first.c_out * first.c_in
         members = [layers[i] for i in part]
-        ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
+        base, ups, downs, biases, basis = kept.value(("merge", *part), partial(_merge_stacks, members, stack))
         omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
-        base = stack(base_weights, (first.c_out, first.c_in))  # (a 1x1 kernel viewed as a matrix)
-        weights = torch.baddbmm(base, scaled_up(stack(ups), omega, first.rank), stack(downs))  # W + sum omega_i B_i A_i
-        if first.basis_bias is not None:
+        weights = torch.baddbmm(base, scaled_up(ups, omega, first.rank), downs)  # W + sum omega_i B_i A_i
+        if basis is not None:
             scale = omega.repeat_interleave(first.rank, dim=-1)[:, None, :]  # (L, 1, r*M)
-            basis = stack(basis_biases)  # (L, r*M, C_out)
             if biases[0] is None:
                 stacked = torch.bmm(scale, basis)
             else:
@@ -167,6 +202,17 @@ def grouped_merged_weights(
         for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
             merged[i] = (weight, bias)
     return merged
+
+
+def _merge_stacks(members: list[ConditionedLoRA], stack: Stack) -> tuple:
+    """What alike layers' merged weights are made of: W (L, C_out, C_in), B (L, C_out, r*M) and A (L, r*M,
+    C_in) stacked, the base biases (each a tensor or None) and the stacked per-basis biases (L, r*M, C_out)
+    or None."""
+    first = members[0]
+    ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
+    base = stack(base_weights, (first.c_out, first.c_in))  # (a 1x1 kernel viewed as a matrix)
+    basis = None if first.basis_bias is None else stack(basis_biases)
+    return base, stack(ups), stack(downs), biases, basis
 
 
 def _groups(keys: list[tuple | None]) -> list[list[int]]:

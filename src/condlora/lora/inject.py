@@ -23,7 +23,6 @@ from condlora.lora.grouping import (
     grouped_bias_terms,
     grouped_merged_weights,
     grouped_omegas,
-    stack_parameters,
 )
 from condlora.lora.layer import CallValues, ConditionedLoRA
 from condlora.lora.spec import LoRASpec
@@ -139,13 +138,12 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
         layers = [layer for _, layer in conditioned_layers(model)]
     else:
         layers = list(model)
-    stacks = model.stacks if isinstance(model, LoRALayers) else None
-    stack = stack_parameters if stacks is None else stacks.stack
+    kept = model.stacks if isinstance(model, LoRALayers) else StackCache()  # a plain list keeps nothing
     previous = [(layer.conditions, layer.call) for layer in layers]
-    omegas = grouped_omegas(layers, cond, stack)
+    omegas = grouped_omegas(layers, cond, kept)
     nothing = [None] * len(layers)
-    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, stack)  # shared: merged in the bias
-    merged = grouped_merged_weights(layers, omegas, stack) if cond.shared else nothing
+    terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, kept)  # shared: merged in the bias
+    merged = grouped_merged_weights(layers, omegas, kept) if cond.shared else nothing
     for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
         layer.bind(cond, CallValues(cond, omega, term, weight))
     try:
