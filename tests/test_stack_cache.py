@@ -5,6 +5,7 @@ nothing)."""
 
 import contextlib
 import copy
+import pickle
 
 import pytest
 import torch
@@ -251,3 +252,20 @@ def test_generate_keeps_the_stacks_for_its_sampling_loop(monkeypatch):
     per_step = {keeping: (stacks[keeping, 4] - stacks[keeping, 2]) / 2 for keeping in (True, False)}
     assert 0 < per_step[True] < per_step[False]
     assert torch.equal(images[True, 4], images[False, 4]) and torch.equal(images[True, 2], images[False, 2])
+
+
+def test_a_pickled_cache_and_keep_stacks_of_bare_layers():
+    """A network saved inside a scope loads with a closed, empty cache; `keep_stacks` takes the layers that
+    `inject_lora` returned as well as a network holding them."""
+    modules, layers = _network("uc")
+    cond, inputs = _conditions(4, shared=True), _inputs()
+    with torch.no_grad(), keep_stacks(layers):
+        _call(layers, cond, inputs)
+        assert _binding_ops(layers, cond)["aten.stack.default"] == 1  # kept
+        copied = pickle.loads(pickle.dumps((modules, layers)))
+    copied_modules, copied_layers = copied
+    _write_through_data(copied_modules)
+    with torch.no_grad():
+        for a, b in zip(_call(copied_layers, cond, inputs), _fresh(copied_layers, cond, inputs), strict=True):
+            assert torch.equal(a, b)
+        assert _binding_ops(copied_layers, cond)["aten.stack.default"] > 1  # nothing kept outside a scope

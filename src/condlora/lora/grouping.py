@@ -58,6 +58,10 @@ class StackCache:
         self._values: dict[tuple, object] = {}
         self._depth = 0
 
+    def __getstate__(self) -> dict:
+        """A pickled (or copied) cache is a closed, empty one: what it kept belongs to this process's scope."""
+        return StackCache().__dict__
+
     def stack(self, tensors: Sequence[torch.Tensor], shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """`stack_parameters(tensors, shape)`, kept while the cache is kept open. The tensors must be
         parameters or buffers (the same objects on every call): a fresh tensor is never found again."""

@@ -105,14 +105,16 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> LoRALayers:
 
 
 @contextmanager
-def keep_stacks(model: nn.Module | object) -> Iterator[None]:
+def keep_stacks(model: nn.Module | LoRALayers | object) -> Iterator[None]:
     """Keep the stacks of parameters that binding makes, from the first call of `model` inside to the last,
-    for every `LoRALayers` a module of `model` holds (what a backbone binds; a model that is not an
-    nn.Module keeps nothing). The caller vouches that the parameters, buffers, train / eval modes and
-    merges of `model` stay as they are inside, as a sampling loop's do; the stacks are dropped on leaving.
-    Outside, every call stacks anew."""
+    for every `LoRALayers` a module of `model` holds (what a backbone binds), or for `model` itself if it is
+    `LoRALayers` (any other object keeps nothing). The caller vouches that the parameters (the same tensors,
+    unchanged), buffers, train / eval modes and merges of `model` stay as they are inside, as a sampling
+    loop's do; the stacks are dropped on leaving. Outside, every call stacks anew."""
     modules = model.modules() if isinstance(model, nn.Module) else ()
     held = [value for module in modules for value in vars(module).values() if isinstance(value, LoRALayers)]
+    if isinstance(model, LoRALayers):
+        held = [model]
     with ExitStack() as scope:
         for layers in held:
             scope.enter_context(layers.stacks.keeping())
