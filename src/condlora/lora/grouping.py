@@ -77,7 +77,7 @@ class StackCache:
     def groups(self, kind: str, keys: Callable[[], list[tuple | None]]) -> list[list[int]]:
         """The indices of the layers with equal `keys()` (see `_groups`), kept while the cache is kept open,
         where the layers' keys cannot change: computing them is most of binding's host time."""
-        if torch.compiler.is_compiling() or not self._depth:
+        if _recorded() or not self._depth:
             return _groups(keys())
         found = self._groups.get(kind)
         if found is None:
@@ -87,7 +87,7 @@ class StackCache:
     def value(self, key: tuple, make: Callable[[], T]) -> T:
         """make(), kept under `key` while the cache is kept open and grad is off (a sampler's calls: what it
         makes from the parameters then needs no graph)."""
-        if _must_stack_anew(()) or torch.is_grad_enabled() or not self._depth:
+        if _recorded() or torch.is_grad_enabled() or not self._depth:
             return make()
         key = (*key, torch.is_inference_mode_enabled())
         if key not in self._values:
@@ -106,11 +106,14 @@ class StackCache:
                 self._kept, self._sources, self._groups, self._values = {}, [], {}, {}
 
 
+def _recorded() -> bool:
+    """Whether a compiler or a tracer records this call (what it records must be computed, not served)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _must_stack_anew(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a stack must be made on this call: autograd must see it, or a compiler or tracer records it."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return _recorded() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def grouped_omegas(

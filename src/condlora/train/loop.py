@@ -48,6 +48,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def _check_batch_fits(global_batch: int, num_items: int) -> None:
+    if global_batch > num_items:
+        raise DataError(f"train.batch_size={global_batch} exceeds the {num_items} training images")
+
+
 class StepBatchSampler(Sampler[list[int]]):
     """Index batches for steps [start_step, total_steps): a pure function of (seed, step), so resuming needs
     only the step. Each epoch is a fresh permutation; each rank takes its contiguous slice of the global batch.
@@ -61,8 +66,7 @@ class StepBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, num_items, global_batch, rank, world_size, seed, start_step, total_steps):
-        if global_batch > num_items:
-            raise DataError(f"train.batch_size={global_batch} exceeds the {num_items} training images")
+        _check_batch_fits(global_batch, num_items)
         self.n, self.batch, self.rank, self.world = num_items, global_batch, rank, world_size
         self.seed, self.start, self.total = seed, start_step, total_steps
         self.per_epoch = num_items // global_batch  # the incomplete last batch of each epoch is dropped
@@ -343,10 +347,10 @@ class _MetricsLog:
 
 
 def _check_batch_size(batch_size: int, num_items: int, world_size: int) -> None:
+    """Refuse a batch that the processes cannot split or the data cannot fill (before the run directory)."""
     if batch_size % world_size:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by {world_size} processes")
-    if batch_size > num_items:
-        raise DataError(f"train.batch_size={batch_size} exceeds the {num_items} training images")
+    _check_batch_fits(batch_size, num_items)
 
 
 def _batches(cfg: RunConfig, train_set: ImageDataset, dist: DistContext, start_step: int):
