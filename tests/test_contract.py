@@ -1,6 +1,7 @@
 """The contract between networks, conditions, processes and adapters: net(x, noise_level, cond)."""
 
 import functools
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,9 @@ def test_input_reading_strategy_batched_equals_a_per_position_reference(layout):
 # compile, dtypes ------------------------------------------------------------------------------------------------
 
 
+_AOT_TRACED = ("mnist-nano", "mnist-nano-uc-lora", "mnist-edm", "edm-cifar10-cond-uc-lora", "iddpm-cifar10-cond-lora")
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("shared", [False, True])
 def test_every_preset_network_compiles_without_a_graph_break(preset, shared):
@@ -167,10 +171,16 @@ def test_every_preset_network_compiles_without_a_graph_break(preset, shared):
     labels = torch.full((2,), 1) if shared or not m.num_classes else torch.tensor([1, NULL_LABEL])
     cond = Conditions(labels=labels if m.num_classes else None, shared=shared)
     process = process_for(cfg)
-    compiled = torch.compile(functools.partial(process.predict, net), fullgraph=True, backend="aot_eager")
-    out = compiled(x, t, cond)  # fullgraph: a graph break (a host read of a tensor) would raise here
-    out.square().mean().backward()
-    assert torch.allclose(out, process.predict(net, x, t, cond), atol=1e-5)
+    # Dynamo alone is where a graph break shows; AOT autograd, which also traces the backward (seconds per
+    # network), runs on a training call of one LoRA preset per backbone and strategy kind.
+    backend = "aot_eager" if preset in _AOT_TRACED and not shared else "eager"
+    compiled = torch.compile(functools.partial(process.predict, net), fullgraph=True, backend=backend)
+    with torch.set_grad_enabled(not shared), warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a warning from the compiler (one about a cache it traced through)
+        out = compiled(x, t, cond)  # fullgraph: a graph break (a host read of a tensor) would raise here
+        if not shared:
+            out.square().mean().backward()
+        assert torch.allclose(out, process.predict(net, x, t, cond), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

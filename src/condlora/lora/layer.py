@@ -16,7 +16,6 @@ computes what alike layers need for it together (`condlora.lora.grouping`) and h
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -45,7 +44,6 @@ def scaled_up(up: torch.Tensor, omega: torch.Tensor, rank: int) -> torch.Tensor:
     return (split * omega.to(up.dtype)[..., None, :, None]).flatten(-2)
 
 
-@functools.cache
 def _has_grouped_form(strategy: type) -> bool:
     """Whether the class that defines the strategy's `forward` also defines `grouped` (a subclass that
     changes `forward` must not inherit a grouped form that computes its parent's omega). Strategies that
