@@ -145,17 +145,18 @@ def main() -> None:
     global DEVICE, COMPILE
     DEVICE, COMPILE = torch.device(args.device), args.compile
     print(f"{describe(DEVICE)}, batch {args.batch}, {COMPILE or 'eager'}")
+    # each ratio printed as soon as it is measured (a run stopped early keeps what it measured)
     train = training_ratio(args.batch, args.repeats)
+    print(f"ratio training step  with_lora / baseline        {train:.3f}   (target <= 1.10)", flush=True)
     merged, batched = sampling_ratios(args.batch, args.repeats)
-    layer = layer_ratio(args.batch, args.repeats)
-    host = host_ratios(20 * args.repeats) if DEVICE.type == "cpu" and not COMPILE else None
-    print(f"ratio training step  with_lora / baseline        {train:.3f}   (target <= 1.10)")
     print(f"ratio sampling step  merged LoRA / baseline      {merged:.3f}   (target <= 1.02)")
-    print(f"ratio sampling step  batched LoRA / baseline     {batched:.3f}")
-    print(f"ratio LoRA layer     batched / naive per-sample  {layer:.3f}")
-    if host is not None:
-        print(f"ratio host-bound training step  with_lora / baseline  {host[0]:.3f}")
-        print(f"ratio host-bound sampling step  merged / baseline     {host[1]:.3f}")
+    print(f"ratio sampling step  batched LoRA / baseline     {batched:.3f}", flush=True)
+    layer = layer_ratio(args.batch, args.repeats)
+    print(f"ratio LoRA layer     batched / naive per-sample  {layer:.3f}", flush=True)
+    if DEVICE.type == "cpu" and not COMPILE:
+        train, merged = host_ratios(20 * args.repeats)
+        print(f"ratio host-bound training step  with_lora / baseline  {train:.3f}")
+        print(f"ratio host-bound sampling step  merged / baseline     {merged:.3f}")
 
 
 if __name__ == "__main__":

@@ -153,18 +153,21 @@ def main() -> None:
     mode = f"compile {COMPILE}" if COMPILE else "eager"
     base_preset, lora_preset = FAMILIES[family][:2]
     print(f"{describe(device)}, {family}: {lora_preset} / {base_preset}, model_channels {width}, {mode}")
-    rows = []
     for precision in args.precision:
         for batch in args.batch:
             ratio = training_ratio(family, device, width, batch, precision, args.repeats)
-            rows.append((f"training step  batch {batch} {precision}", ratio, 1.05))
+            _report(f"training step  batch {batch} {precision}", ratio, 1.05)
         ratio = sampling_ratio(family, device, width, args.batch[-1], precision, args.repeats)
-        rows.append((f"sampling call  batch {args.batch[-1]} {precision}", ratio, 1.03))
+        _report(f"sampling call  batch {args.batch[-1]} {precision}", ratio, 1.03)
     with _precision(device, "fp32"):
         ratio = layer_ratio(family, device, width, args.batch[-1], args.repeats)
-    rows.append((f"one qkv layer  batch {args.batch[-1]} (fwd+bwd)", ratio, None))
-    for what, ratio, target in rows:
-        print(f"ratio {what:<36} LoRA / baseline  {ratio:.3f}" + (f"   (target <= {target})" if target else ""))
+    _report(f"one qkv layer  batch {args.batch[-1]} (fwd+bwd)", ratio, None)
+
+
+def _report(what: str, ratio: float, target: float | None) -> None:
+    """One ratio, printed as soon as it is measured (a run stopped early keeps what it measured)."""
+    line = f"ratio {what:<36} LoRA / baseline  {ratio:.3f}" + (f"   (target <= {target})" if target else "")
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
