@@ -183,6 +183,30 @@ def test_every_preset_network_compiles_without_a_graph_break(preset, shared):
         assert torch.allclose(out, process.predict(net, x, t, cond), atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["mnist-nano", "mnist-nano-uc-lora", "mnist-edm", "mnist-iddpm"])
+def test_a_call_builds_no_module(preset, monkeypatch):
+    """Host time of a call is what an eager GPU step bound by launches pays: slicing a Sequential or a
+    ModuleList builds a new module on every call (the published IDDPM ResBlock does), which none may do."""
+    cfg = build_config(preset)
+    net, process = build_network(cfg), process_for(cfg)
+    x = torch.randn(2, 1, 28, 28)
+    levels = torch.tensor([0.5, 3.0]) if cfg.diffusion.family == "edm" else torch.tensor([3, 900])
+    cond = Conditions(labels=torch.tensor([1, 2]))
+    built = []
+    init = nn.Module.__init__
+
+    def counting_init(module, *args, **kwargs):
+        built.append(type(module).__name__)
+        init(module, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__init__", counting_init)
+    process.loss(net, x, cond, torch.Generator().manual_seed(0))["loss"].mean().backward()
+    with torch.no_grad():
+        process.predict(net.eval(), x, levels, cond)
+        process.predict(net, x, levels, cond.replace(labels=torch.tensor([1, 1]), shared=True))
+    assert built == []
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(
     "lora",

@@ -57,12 +57,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.in_layers(x)
-        norm, rest = self.out_layers[0], self.out_layers[1:]
+        norm, *rest = self.out_layers  # (a slice would build a new Sequential on every call: host time)
         h = norm(h)
         if self.emb_layers is not None:
             scale, shift = self.emb_layers(emb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
             h = h * (1 + scale) + shift
-        return self.skip_connection(x) + rest(h)
+        for layer in rest:
+            h = layer(h)
+        return self.skip_connection(x) + h
 
 
 class AttentionBlock(nn.Module):
