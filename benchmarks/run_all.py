@@ -11,14 +11,17 @@ CIFAR-10 width at batch 64 and 128, and sampling throughput runs at batch 512 wi
 added. `--compile MODE` adds the LoRA overhead benchmarks with both networks compiled (e.g.
 reduce-overhead, CUDA graphs on a GPU), right after the eager ones. `--budget` bounds the whole run: a job
 still running when the seconds are spent is stopped, what it had measured is kept (every script prints
-each ratio as soon as it has it) and the jobs after it are listed as not run. The Markdown file is
-rewritten after every job, so a run cut short keeps what it did.
+each ratio as soon as it has it) and the jobs after it are listed as not run. A job that fails is
+recorded with the end of its error and the others still run (the exit status says so at the end). The
+Markdown file is rewritten after every job, so a run cut short keeps what it did.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,16 +51,21 @@ def _jobs(device: str, quick: bool, compile_mode: str) -> list[tuple[str, list[s
 
 
 def _run(command: list[str], seconds: float | None) -> tuple[list[str], str]:
-    """The lines a job printed, and why it ended early ("" if it finished)."""
+    """The lines a job printed, and why it ended early ("" if it finished): stopped when `seconds` ran out
+    (with every process it started: compile workers too), or failed (with the end of its error)."""
     argv = [sys.executable, "-u", str(HERE / command[0]), *command[1:]]  # -u: nothing printed is held back
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds)
-    except subprocess.TimeoutExpired as stopped:
-        printed = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
-        return printed.splitlines(), f"stopped after {seconds:.0f} s, the rest of the budget"
-    if done.returncode:
-        raise SystemExit(f"{command[0]} failed:\n{done.stderr[-2000:]}")
-    return done.stdout.splitlines(), ""
+        stdout, stderr = job.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, _ = job.communicate()
+        return stdout.decode(errors="replace").splitlines(), f"stopped after {seconds:.0f} s, the rest of the budget"
+    printed = stdout.decode(errors="replace").splitlines()
+    if job.returncode:
+        error = [line.strip() for line in stderr.decode(errors="replace").strip().splitlines()[-3:]]
+        return printed, f"failed with exit status {job.returncode}: {' / '.join(error)}"
+    return printed, ""
 
 
 def main() -> None:
@@ -71,6 +79,7 @@ def main() -> None:
     out = Path(args.out or HERE / f"results-{args.device.replace(':', '')}.md")
     lines = [f"# condlora benchmarks, {datetime.date.today().isoformat()}", ""]
     deadline = time.monotonic() + args.budget if args.budget else None
+    failed = []
     for title, command in _jobs(args.device, args.quick, args.compile):
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -78,9 +87,11 @@ def main() -> None:
             continue
         print(f"== {title}: {' '.join(command)}", flush=True)
         printed, stopped = _run(command, left)
-        print("\n".join(printed), flush=True)
-        # a stopped job keeps its timings too: they are all there is of a measurement it did not finish
+        print("\n".join(printed), f"({stopped})" if stopped else "", flush=True)
+        # a job ended early keeps its timings too: they are all there is of a measurement it did not finish
         kept = [line for line in printed[1:] if stopped or line.startswith("ratio ") or line.endswith("images/s")]
+        kept = kept or ["nothing measured"]
+        failed += [title] if stopped.startswith("failed") else []
         head = printed[0] if printed else "nothing printed"
         lines += [
             f"## {title}",
@@ -92,6 +103,8 @@ def main() -> None:
         out.write_text("\n".join(lines))
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (the table says why)")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ def stack_parameters(tensors: Sequence[torch.Tensor], shape: Sequence[int] | Non
     return torch.stack(tensors if shape is None else [t.view(shape) for t in tensors])
 
 
+def summed_basis_biases(biases: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
+    """Per-basis biases, (r*M, C_out) each with r rows per basis, stacked with each basis's rows summed:
+    (L, M, C_out), what omega_i weighs (sum_i omega_i b_i is then one batched product)."""
+    return stack_parameters(biases).unflatten(1, (-1, rank)).sum(2)
+
+
 class StackCache:
     """Stacks of parameters, and the groups of alike layers, kept from one binding to the next while a caller
     keeps them (`keeping`).
@@ -159,11 +165,10 @@ def grouped_bias_terms(
 
     kept = kept if kept is not None else StackCache()
     terms: list[torch.Tensor | None] = [None] * len(layers)
-    stack = kept.stack
     for indices in kept.groups("bias", keys):
-        rank = layers[indices[0]].rank
-        scale = torch.stack([omegas[i] for i in indices]).repeat_interleave(rank, dim=-1)  # (L, B, r*M)
-        stacked = torch.bmm(scale, stack([layers[i].basis_bias for i in indices]))  # (L, B, C_out)
+        biases = [layers[i].basis_bias for i in indices]
+        basis = kept.value(("bias", *indices), partial(summed_basis_biases, biases, layers[indices[0]].rank))
+        stacked = torch.bmm(torch.stack([omegas[i] for i in indices]), basis)  # (L, B, M) @ (L, M, C_out)
         for i, term in zip(indices, stacked.unbind(0), strict=True):
             terms[i] = term
     return terms
@@ -217,9 +222,7 @@ def _merge_stacks(members: list[ConditionedLoRA], stack: Stack) -> tuple:
     first = members[0]
     ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
     base = stack(base_weights, (first.c_out, first.c_in))  # (a 1x1 kernel viewed as a matrix)
-    basis = None
-    if first.basis_bias is not None:
-        basis = stack(basis_biases).unflatten(1, (first.num_bases, first.rank)).sum(2)
+    basis = None if first.basis_bias is None else summed_basis_biases(basis_biases, first.rank)
     return base, stack(ups), stack(downs), biases, basis
 
 
