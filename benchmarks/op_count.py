@@ -9,7 +9,9 @@ non-view ATen call, through a TorchDispatchMode; nothing is timed) of each famil
 class-conditional / TimeLoRA + ClassLoRA) in a training step's forward (the family's loss) and backward and
 in one sampling call at a shared condition (every LoRA layer on its merged path; after a first call inside
 `keep_stacks`, as in a sampler, so the stacks of parameters kept over its calls are not counted), and prints
-the operations added per LoRA layer. Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
+the operations added per LoRA layer; and the training step again under bf16 autocast (with the CPU's
+autocast lists, which cast as a GPU's do for these networks: every weight of a matrix product or
+convolution, per call). Counts are taken on the CPU; a GPU runs the same operations. They do not depend on
 the batch size.
 """
 
@@ -41,7 +43,8 @@ def _count(fn: Callable[[], object]) -> tuple[int, object]:
 
 
 def count(preset: str, overrides: dict, shape: tuple[int, ...], level: float, batch: int) -> tuple[list[int], int]:
-    """([forward, backward, sampling call] operation counts, number of LoRA layers) of one preset."""
+    """([forward, backward, sampling call, bf16 autocast forward, its backward] operation counts, number of
+    LoRA layers) of one preset."""
     torch.manual_seed(0)
     cfg = build_config(preset, overrides)
     net, process = build_network(cfg), process_for(cfg)
@@ -52,17 +55,24 @@ def count(preset: str, overrides: dict, shape: tuple[int, ...], level: float, ba
     def loss() -> torch.Tensor:
         return process.loss(net, x, Conditions(labels=labels), generator)["loss"].mean()
 
-    loss().backward()  # warm-up: lazy initialisations are not counted
-    net.zero_grad(set_to_none=True)  # as a training step does: gradients are stored, not accumulated
-    forward, value = _count(loss)
-    backward, _ = _count(value.backward)
+    def loss_bf16() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss()
+
+    counts = []
+    for step_loss in (loss, loss_bf16):
+        step_loss().backward()  # warm-up: lazy initialisations are not counted
+        net.zero_grad(set_to_none=True)  # as a training step does: gradients are stored, not accumulated
+        forward, value = _count(step_loss)
+        backward, _ = _count(value.backward)
+        counts += [forward, backward]
     net.eval()
     shared = Conditions(labels=None if labels is None else torch.full_like(labels, 3), shared=True)
     steps = torch.full((batch,), level)  # int64 steps for DDPM / IDDPM, float sigma for EDM
     with torch.no_grad(), keep_stacks(net):  # as a sampler: the stacks of parameters are made on its first call
         process.predict(net, x, steps, shared)
         sampling, _ = _count(lambda: process.predict(net, x, steps, shared))
-    return [forward, backward, sampling], len(list(conditioned_layers(net)))
+    return [*counts[:2], sampling, *counts[2:]], len(list(conditioned_layers(net)))
 
 
 def main() -> None:
@@ -76,11 +86,13 @@ def main() -> None:
         base, _ = count(base_preset, overrides, shape, level, args.batch)
         lora, layers = count(lora_preset, overrides, shape, level, args.batch)
         print(f"{family}: {lora_preset} ({layers} LoRA layers) / {base_preset}")
-        for what, b, n in zip(("training forward", "training backward", "sampling call"), base, lora, strict=True):
+        rows = ("training forward", "training backward", "sampling call", "bf16 forward", "bf16 backward")
+        for what, b, n in zip(rows, base, lora, strict=True):
             print(f"  {what:<18} baseline {b:5d}   LoRA {n:5d}   +{n - b:4d} ({(n - b) / layers:.1f} per LoRA layer)")
-        step = (lora[0] + lora[1]) / (base[0] + base[1])
+        step, step_bf16 = ((lora[i] + lora[i + 1]) / (base[i] + base[i + 1]) for i in (0, 3))
         print(f"ratio {family} operations per training step  LoRA / baseline  {step:.3f}")
         print(f"ratio {family} operations per sampling call  LoRA / baseline  {lora[2] / base[2]:.3f}")
+        print(f"ratio {family} operations per bf16 autocast training step  LoRA / baseline  {step_bf16:.3f}")
 
 
 if __name__ == "__main__":

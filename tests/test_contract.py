@@ -12,7 +12,7 @@ from torch import nn
 from condlora.conditions import NULL_LABEL, Conditions
 from condlora.config import ConfigError, RunConfig
 from condlora.diffusion import process_for
-from condlora.lora import ClassSelect, ConditionedLoRA, TimeTable
+from condlora.lora import ClassSelect, ConditionedLoRA, TimeTable, grouping
 from condlora.nets import build_network
 from condlora.pipeline import load_model
 from condlora.presets import PRESETS, build_config
@@ -189,6 +189,26 @@ def test_every_preset_network_compiles_without_a_graph_break(preset, shared):
         if not shared:
             out.square().mean().backward()
         assert torch.allclose(out, process.predict(net, x, t, cond), atol=1e-5)
+
+
+@pytest.mark.parametrize("merge_limit", [grouping.MERGE_LIMIT, 0])  # 0: every layer merges its own weights
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize(
+    "lora", [{"time": "compositional", "classes": "select"}, {"uc_bases": 4, "uc_widths": (16,), "basis_bias": True}]
+)
+def test_adapters_under_autocast_agree_with_float32(lora, shared, merge_limit, monkeypatch):
+    """Under bf16 autocast the omegas are cast once at binding (to the dtype the projections come out in):
+    every path (batched, merged together, merged alone with a per-basis bias) must still take them."""
+    monkeypatch.setattr(grouping, "MERGE_LIMIT", merge_limit)
+    net = _trained_lora_net(_tiny(model={"image_size": 8, "conditioning": "with_lora"}, lora=lora))
+    x, t, labels = _inputs()
+    if shared:
+        t, labels = torch.full_like(t, 7), torch.full_like(labels, 3)
+    cond = Conditions(labels=labels, shared=shared)
+    reference = _predict(net, x, t, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _predict(net, x, t, cond)
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 @pytest.mark.parametrize("preset", ["mnist-nano", "mnist-nano-uc-lora", "mnist-edm", "mnist-iddpm"])

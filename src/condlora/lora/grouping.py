@@ -144,9 +144,19 @@ def grouped_omegas(
             omega = omega * cond.lora_scale.to(dtype)[None, :, None]
         if first.scaling != 1.0:
             omega = omega * first.scaling
+        omega = omega.to(_compute_dtype(first.lora_down))  # once for the group, not once per layer
         for i, layer_omega in zip(indices, omega.unbind(0), strict=True):
             omegas[i] = layer_omega
     return omegas
+
+
+def _compute_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in: autocast's where it is on for the parameter's device and casts the
+    parameter (a float32 one: the adapters' projections come out in autocast's dtype), else the parameter's."""
+    device = parameter.device.type
+    if parameter.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return parameter.dtype
 
 
 def grouped_bias_terms(

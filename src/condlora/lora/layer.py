@@ -179,7 +179,7 @@ class ConditionedLoRA(nn.Module):
             parts = next(iter(self.strategies.values())).routed(cond, x)
             if parts is not None:
                 return self._forward_routed(x, *parts)
-        omega = self.omega(cond, x) if call.omega is None else call.omega.to(x.dtype)
+        omega = self.omega(cond, x) if call.omega is None else call.omega
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
         if cond.shared and omega.dim() == 2 and not (self.training and self.dropout):
@@ -237,7 +237,7 @@ class ConditionedLoRA(nn.Module):
     def _weigh(self, h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         """h's r*M adapter channels (basis-major, r per basis) times their basis's omega: per sample through a
         view that splits the channels into (M, r), so omega is never repeated; per position by repeating."""
-        dim = self.channel_dim % h.dim()
+        dim, omega = self.channel_dim % h.dim(), omega.to(h.dtype)  # (h is what autocast made of x)
         if omega.dim() > 2:
             return h * omega.repeat_interleave(self.rank, dim=dim)
         split = h.unflatten(dim, (self.num_bases, self.rank))  # (..., M, r, ...)
@@ -249,7 +249,7 @@ class ConditionedLoRA(nn.Module):
         weight = torch.addmm(self.base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i
         bias = self.base_layer.bias
         if self.basis_bias is not None:
-            scale = omega.repeat_interleave(self.rank)
+            scale = omega.repeat_interleave(self.rank).to(self.basis_bias.dtype)  # (autocast: a bf16 omega)
             bias = scale @ self.basis_bias if bias is None else torch.addmv(bias, self.basis_bias.mT, scale)
         return self._project(x, weight, bias)
 
