@@ -34,6 +34,8 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 in a float64 network
+        if x.dtype == self.weight.dtype == dtype:  # nothing to cast (each no-op cast costs host time)
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)
         return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
