@@ -215,10 +215,8 @@ def grouped_merged_weights(
         omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
         weights = torch.baddbmm(base, scaled_up(ups, omega, first.rank), downs)  # W + sum omega_i B_i A_i
         if basis is not None:  # b + sum_i omega_i b_i, the r rows of each basis's bias summed beforehand
-            if biases[0] is None:
-                stacked = torch.bmm(omega[:, None, :], basis)
-            else:
-                stacked = torch.baddbmm(stack(biases)[:, None, :], omega[:, None, :], basis)
+            scale = omega[:, None, :]  # (L, 1, M)
+            stacked = torch.bmm(scale, basis) if biases is None else torch.baddbmm(biases[:, None, :], scale, basis)
             biases = list(stacked[:, 0].unbind(0))
         for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
             merged[i] = (weight, bias)
@@ -227,12 +225,16 @@ def grouped_merged_weights(
 
 def _merge_stacks(members: list[ConditionedLoRA], stack: Stack) -> tuple:
     """What alike layers' merged weights are made of: W (L, C_out, C_in), B (L, C_out, r*M) and A (L, r*M,
-    C_in) stacked, the base biases (each a tensor or None) and the per-basis biases (L, M, C_out), each
-    basis's r rows summed (what omega_i weighs), or None."""
+    C_in) stacked; the base biases: with per-basis biases stacked (L, C_out), or None where the layers have
+    none, else each layer's own (a tensor or None); and the per-basis biases (L, M, C_out), each basis's r rows
+    summed (what omega_i weighs), or None."""
     first = members[0]
     ups, downs, base_weights, biases, basis_biases = zip(*(m.merge_parts() for m in members), strict=True)
     base = stack(base_weights, (first.c_out, first.c_in))  # (a 1x1 kernel viewed as a matrix)
-    basis = None if first.basis_bias is None else summed_basis_biases(basis_biases, first.rank)
+    basis = None
+    if first.basis_bias is not None:  # the biases are summed with the per-basis terms: stacked once, here
+        basis = summed_basis_biases(basis_biases, first.rank)
+        biases = None if biases[0] is None else stack(biases)
     return base, stack(ups), stack(downs), biases, basis
 
 
