@@ -46,7 +46,7 @@ def _jobs(device: str, quick: bool, compile_mode: str) -> list[tuple[str, list[s
         *(compiled if compile_mode else []),
         ("sampling throughput", ["sampling_throughput.py", "--device", device, *throughput]),
         ("AutoLoRA guidance", ["autolora_overhead.py", "--device", device]),
-        ("operations LoRA adds (device-independent)", ["op_count.py"]),
+        ("operations, bytes and FLOPs LoRA adds (device-independent)", ["op_count.py"]),
     ]
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -29,12 +30,34 @@ def zero_module(module: nn.Module) -> nn.Module:
 class CountOps(TorchDispatchMode):
     """Counts the ATen operations run inside it that do work (`with CountOps() as ops: ...; ops.count`): on a
     GPU each is one kernel launch or more, what an eager step bound by launching kernels pays for. Views are
-    not counted, nor `_unsafe_view` (the view that reshape returns for a fresh tensor)."""
+    not counted, nor `_unsafe_view` (the view that reshape returns for a fresh tensor).
+
+    `bytes` tallies the memory traffic of the same operations in a first-order model of unfused kernels, what
+    an eager step bound by memory bandwidth pays for: each operation reads every tensor it is given and writes
+    every tensor it returns, once, with no cache between operations; a broadcast (stride-0) dimension is read
+    once, and an allocation (`empty`) writes nothing.
+    """
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view or func is torch.ops.aten._unsafe_view.default else 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func is torch.ops.aten._unsafe_view.default:
+            return out
+        self.count += 1
+        written = () if func.__name__.split(".")[0] in _ALLOCATIONS else out
+        tensors = tree_leaves((args, kwargs or {}, written))
+        self.bytes += sum(_touched_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
+        return out
+
+
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+def _touched_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the distinct elements of a tensor: its broadcast (stride-0) dimensions count once."""
+    elements = math.prod(size for size, stride in zip(tensor.shape, tensor.stride(), strict=True) if stride != 0)
+    return elements * tensor.element_size()
