@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from condlora.conditions import Conditions
@@ -55,8 +56,23 @@ class Tally(NamedTuple):
     flops: int
 
 
+def _counted_as(packet: torch._ops.OpOverloadPacket) -> Callable[..., int]:
+    """The FLOP counter's formula for `packet`, for another operation (it takes the call's values)."""
+    formula = flop_counter.flop_registry[packet]
+
+    def count(*args, **kwargs) -> int:
+        return formula(*args, **kwargs)
+
+    count._get_raw = True  # the formula reads the shapes from the call's values itself
+    return count
+
+
+aten = torch.ops.aten  # the in-place products the fused LoRA convolution accumulates with, as their out-of-place forms
+IN_PLACE_FLOPS = {aten.addmm_: _counted_as(aten.addmm), aten.baddbmm_: _counted_as(aten.baddbmm)}
+
+
 def _tally(fn: Callable[[], object]) -> tuple[Tally, object]:
-    with FlopCounterMode(display=False) as flops, CountOps() as counter:
+    with FlopCounterMode(display=False, custom_mapping=IN_PLACE_FLOPS) as flops, CountOps() as counter:
         out = fn()
     return Tally(counter.count, counter.bytes, flops.get_total_flops()), out
 

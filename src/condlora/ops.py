@@ -27,6 +27,12 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def recorded() -> bool:
+    """Whether a compiler or a tracer records this call: what it records must be computed (not served from a
+    cache), and it fuses operations itself."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class CountOps(TorchDispatchMode):
     """Counts the ATen operations run inside it that do work (`with CountOps() as ops: ...; ops.count`): on a
     GPU each is one kernel launch or more, what an eager step bound by launching kernels pays for. Views are

@@ -25,6 +25,7 @@ import torch
 from condlora.conditions import Conditions
 from condlora.lora.layer import scaled_up
 from condlora.lora.strategies import Stack
+from condlora.ops import recorded
 
 if TYPE_CHECKING:
     from condlora.lora.layer import ConditionedLoRA, Merged
@@ -83,7 +84,7 @@ class StackCache:
     def groups(self, kind: str, keys: Callable[[], list[tuple | None]]) -> list[list[int]]:
         """The indices of the layers with equal `keys()` (see `_groups`), kept while the cache is kept open,
         where the layers' keys cannot change: computing them is most of binding's host time."""
-        if _recorded() or not self._depth:
+        if recorded() or not self._depth:
             return _groups(keys())
         found = self._groups.get(kind)
         if found is None:
@@ -93,7 +94,7 @@ class StackCache:
     def value(self, key: tuple, make: Callable[[], T]) -> T:
         """make(), kept under `key` while the cache is kept open and grad is off (a sampler's calls: what it
         makes from the parameters then needs no graph)."""
-        if _recorded() or torch.is_grad_enabled() or not self._depth:
+        if recorded() or torch.is_grad_enabled() or not self._depth:
             return make()
         key = (*key, torch.is_inference_mode_enabled())
         if key not in self._values:
@@ -112,14 +113,9 @@ class StackCache:
                 self._kept, self._sources, self._groups, self._values = {}, [], {}, {}
 
 
-def _recorded() -> bool:
-    """Whether a compiler or a tracer records this call (what it records must be computed, not served)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
 def _must_stack_anew(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a stack must be made on this call: autograd must see it, or a compiler or tracer records it."""
-    return _recorded() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return recorded() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def grouped_omegas(

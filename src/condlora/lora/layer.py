@@ -7,7 +7,9 @@ All adapters are stacked into one down projection A (r*M x C_in) and one up proj
 the per-sample sum is a single rank-(r*M) product scaled by omega repeated r times: no per-sample weight
 is ever built. When the caller vouches that every sample shares one condition (`Conditions.shared`), the
 weighted delta is merged into the base weight once for that call instead. No path reads a tensor on the
-host: which path runs depends only on Python-level facts.
+host: which path runs depends only on Python-level facts. A convolution's per-sample call in eager mode runs
+this sum as one autograd function that accumulates the adapters' projection into the base output, and their
+input gradient into the base's, in place (`condlora.lora.fused`): the same arithmetic, fewer bytes moved.
 
 A network's layers usually carry alike strategies: binding the conditions of a call (`bind_conditions`)
 computes what alike layers need for it together (`condlora.lora.grouping`) and hands each layer its part
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
+from condlora.lora.fused import conditioned_conv
+from condlora.ops import recorded
 
 Merged = tuple[torch.Tensor, torch.Tensor | None]  # a merged (weight (C_out, C_in), bias (C_out,) or None)
 
@@ -214,9 +218,14 @@ class ConditionedLoRA(nn.Module):
     def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor, bias_term: torch.Tensor | None) -> torch.Tensor:
         if self.channel_dim == -1:  # F.linear copies a strided input (transposed tokens): copy it once, for both
             x = x.contiguous()
-        dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
-        h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
-        out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
+        dropping = self.training and self.dropout
+        if self.channel_dim == 1 and omega.dim() == 2 and not dropping and not recorded():
+            base = self.base_layer  # the same sum, its two additions done in place (a compiler fuses its own)
+            out = conditioned_conv(x, base.weight, base.bias, self.lora_down, self.lora_up, omega, self.rank)
+        else:
+            dropped = F.dropout(x, self.dropout, training=True) if dropping else x
+            h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
+            out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
         if bias_term is not None:  # computed at binding
             out = out + self._broadcast(bias_term.to(out.dtype), x)
         elif self.basis_bias is not None:
