@@ -18,12 +18,13 @@ def synchronize(device: torch.device) -> None:
 def median_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int, device: torch.device):
     """Median seconds of `fn_a` and `fn_b`, run alternately so slow drifts of the machine hit both alike, and
     each first in every other pair: on a CPU the call after a switch can pay for what the other one left
-    (freed memory, caches), 3-4% of a full-width IDDPM training step on 2 cores."""
+    (freed memory, caches), 3-4% of a full-width IDDPM training step on 2 cores. An odd number of repeats is
+    rounded up, so that each runs first equally often (else the median favours the one that ran first less)."""
     for fn in (fn_a, fn_b):  # warm-up
         fn()
         fn()
     a, b = [], []
-    for i in range(repeats):
+    for i in range(repeats + repeats % 2):
         pairs = ((fn_a, a), (fn_b, b))
         for fn, out in pairs if i % 2 == 0 else pairs[::-1]:
             synchronize(device)
