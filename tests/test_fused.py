@@ -39,7 +39,8 @@ def _reference(x, weight, bias, down, up, omega):
 
 def _grads(fn, operands, needed):
     leaves = {name: t.clone().requires_grad_(name in needed) for name, t in operands.items()}
-    out = fn(*(leaves[name] for name in NAMES[:-1]), leaves["omega"], *([RANK] if fn is conditioned_conv else []))
+    extra = [RANK] if fn is conditioned_conv else []
+    out = fn(*(leaves[name] for name in NAMES), *extra)
     out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
     return out.detach(), {name: leaves[name].grad for name in NAMES}
 

@@ -43,9 +43,9 @@ def conditioned_conv(
 class _ConditionedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, omega, rank):
-        h = _conv(x, down)  # A x
-        weighed = _weigh(h, omega, rank)  # omega_r * A x
-        out = _conv(x, weight, bias)
+        h = conv1x1(x, down)  # A x
+        weighed = weigh(h, omega, rank)  # omega_r * A x
+        out = conv1x1(x, weight, bias)
         _accumulate(out, up, weighed)  # += B (omega_r * A x)
         ctx.save_for_backward(x, weight, down, up, omega, h, weighed)
         ctx.rank, ctx.bias_shape = rank, None if bias is None else bias.shape
@@ -63,7 +63,7 @@ class _ConditionedConv(torch.autograd.Function):
             per_basis = grad_weighed.unflatten(1, (-1, ctx.rank)) * h.unflatten(1, (-1, ctx.rank))
             grad_omega = per_basis.sum([2, *range(3, per_basis.dim())])
         if need_x or need_down:
-            grad_h = _weigh(grad_weighed, omega, ctx.rank)
+            grad_h = weigh(grad_weighed, omega, ctx.rank)
             if need_down:
                 grad_down = _conv_grads(grad_h, x, down, (False, True, False))[1]
             if need_x:
@@ -71,26 +71,32 @@ class _ConditionedConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_down, grad_up, grad_omega, None
 
 
-def _weigh(h: torch.Tensor, omega: torch.Tensor, rank: int) -> torch.Tensor:
-    """h's r*M channels (basis-major) times their basis's omega (N, M), through a view that splits them."""
-    split = h.unflatten(1, (-1, rank))  # (N, M, r, ...)
-    return (split * omega.view(*omega.shape, *([1] * (split.dim() - 2)))).flatten(1, 2)
+def weigh(h: torch.Tensor, omega: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+    """h's r*M channels at `dim` (basis-major, r per basis) times their basis's per-sample omega (N, M), through
+    a view that splits the channels into (M, r), so omega is never repeated."""
+    split = h.unflatten(dim, (-1, rank))  # (..., M, r, ...)
+    shape = [1] * split.dim()
+    shape[0], shape[dim] = omega.shape
+    return (split * omega.reshape(shape)).flatten(dim, dim + 1)
 
 
-def _conv(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A (C_out, C_in) matrix applied along dim 1 of x as a 1x1 convolution."""
-    spatial = x.dim() - 2
-    kernel = matrix.reshape(*matrix.shape, *([1] * spatial))
-    return (F.conv1d if spatial == 1 else F.conv2d)(x, kernel, bias)
+def conv1x1(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A (C_out, C_in) matrix applied along dim 1 of x (N, C_in, *spatial) as a 1x1 convolution."""
+    conv = F.conv1d if x.dim() == 3 else F.conv2d
+    return conv(x, _kernel(matrix, x.dim() - 2), bias)
+
+
+def _kernel(matrix: torch.Tensor, spatial: int) -> torch.Tensor:
+    """A (C_out, C_in) matrix as the kernel of a 1x1 convolution over `spatial` dimensions."""
+    return matrix.reshape(*matrix.shape, *([1] * spatial))
 
 
 def _conv_grads(grad, inputs, matrix, mask, bias_shape=None):
     """The 1x1 convolution's gradients (input, weight as a matrix, bias), each None where `mask` says so."""
     spatial = inputs.dim() - 2
-    kernel = matrix.reshape(*matrix.shape, *([1] * spatial))
     ones, zeros = [1] * spatial, [0] * spatial
     grad_input, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-        grad, inputs, kernel, bias_shape, ones, zeros, ones, False, zeros, 1, list(mask)
+        grad, inputs, _kernel(matrix, spatial), bias_shape, ones, zeros, ones, False, zeros, 1, list(mask)
     )
     return grad_input, None if grad_kernel is None else grad_kernel.view(matrix.shape), grad_bias
 
@@ -106,7 +112,7 @@ def _accumulate(out: torch.Tensor, matrix: torch.Tensor, h: torch.Tensor) -> Non
         batch = out.shape[0]
         out.view(batch, out.shape[1], -1).baddbmm_(matrix.expand(batch, *matrix.shape), h.view(batch, h.shape[1], -1))
     else:
-        out.add_(_conv(h, matrix))
+        out.add_(conv1x1(h, matrix))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.fused import conditioned_conv
+from condlora.lora.fused import conditioned_conv, conv1x1, weigh
 from condlora.ops import recorded
 
 Merged = tuple[torch.Tensor, torch.Tensor | None]  # a merged (weight (C_out, C_in), bias (C_out,) or None)
@@ -249,10 +249,7 @@ class ConditionedLoRA(nn.Module):
         dim, omega = self.channel_dim % h.dim(), omega.to(h.dtype)  # (h is what autocast made of x)
         if omega.dim() > 2:
             return h * omega.repeat_interleave(self.rank, dim=dim)
-        split = h.unflatten(dim, (self.num_bases, self.rank))  # (..., M, r, ...)
-        shape = [1] * split.dim()
-        shape[0], shape[dim] = omega.shape
-        return (split * omega.reshape(shape)).flatten(dim, dim + 1)
+        return weigh(h, omega, self.rank, dim)
 
     def _forward_merged(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         weight = torch.addmm(self.base_weight(), self._scaled_up(omega), self.lora_down)  # W + sum omega_i B_i A_i
@@ -275,11 +272,7 @@ class ConditionedLoRA(nn.Module):
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A (C_out', C_in') matrix applied along the channel dimension of x."""
-        if self.channel_dim == -1:
-            return F.linear(x, weight, bias)
-        spatial = x.dim() - 2
-        kernel = weight.reshape(*weight.shape, *([1] * spatial))
-        return (F.conv1d if spatial == 1 else F.conv2d)(x, kernel, bias)
+        return F.linear(x, weight, bias) if self.channel_dim == -1 else conv1x1(x, weight, bias)
 
     def _broadcast(self, per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, K) -> a shape that broadcasts against x's channel dimension."""
