@@ -67,7 +67,7 @@ def _counted_as(packet: torch._ops.OpOverloadPacket) -> Callable[..., int]:
     return count
 
 
-aten = torch.ops.aten  # the in-place products the fused LoRA convolution accumulates with, as their out-of-place forms
+aten = torch.ops.aten  # the in-place products the fused LoRA projection accumulates with, as their out-of-place forms
 IN_PLACE_FLOPS = {aten.addmm_: _counted_as(aten.addmm), aten.baddbmm_: _counted_as(aten.baddbmm)}
 
 

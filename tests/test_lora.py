@@ -156,10 +156,11 @@ def test_grouped_omegas_equal_each_layers_own_with_gradients(stack_limit, monkey
 
 def test_grouped_bias_terms_equal_the_per_basis_sum_with_gradients():
     """sum_i omega_i b_i for layers of two output widths, with and without a per-basis bias, in one call,
-    against the sum over bases written out (float64), gradients included."""
+    against the sum over bases written out (float64), gradients included. Layers that drop their input in
+    training take them (as under a compiler); the others add the term in their own projection and get none."""
     torch.manual_seed(0)
     layers = [
-        ConditionedLoRA(nn.Linear(12, width), _strategies("uc"), rank=3, basis_bias=bias).double()
+        ConditionedLoRA(nn.Linear(12, width), _strategies("uc"), rank=3, basis_bias=bias, dropout=0.1).double()
         for width in (10, 6, 10, 6)
         for bias in (True, False)
     ]
@@ -167,6 +168,11 @@ def test_grouped_bias_terms_equal_the_per_basis_sum_with_gradients():
         _randomise(layer)
     cond = Conditions(embedding=torch.randn(4, D, dtype=torch.float64))
     omegas = grouped_omegas(layers, cond)
+    for layer in layers:
+        layer.dropout = 0.0
+    assert grouped_bias_terms(layers, omegas) == [None] * len(layers)
+    for layer in layers:
+        layer.dropout = 0.1
     terms = grouped_bias_terms(layers, omegas)
     assert [t is None for t in terms] == [layer.basis_bias is None for layer in layers]
     biased = [

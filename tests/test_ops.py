@@ -26,3 +26,13 @@ def test_views_are_free_and_allocations_write_nothing():
     with CountOps() as ops:
         x.t().contiguous()  # a copy: reads 48 elements, writes 48
     assert (ops.count, ops.bytes) == (1, 4 * 96)
+
+
+def test_a_tensor_only_written_to_is_not_read():
+    a, b, dest = torch.randn(100), torch.randn(100), torch.empty(100)
+    with CountOps() as ops:
+        torch.mul(a, b, out=dest)  # reads a and b, writes dest
+        dest.copy_(a)  # reads a, writes dest
+        dest.zero_()  # writes dest
+        dest.add_(b)  # reads dest and b, writes dest
+    assert (ops.count, ops.bytes) == (4, 4 * (300 + 200 + 100 + 300))

@@ -41,7 +41,8 @@ class CountOps(TorchDispatchMode):
     `bytes` tallies the memory traffic of the same operations in a first-order model of unfused kernels, what
     an eager step bound by memory bandwidth pays for: each operation reads every tensor it is given and writes
     every tensor it returns, once, with no cache between operations; a broadcast (stride-0) dimension is read
-    once, and an allocation (`empty`) writes nothing.
+    once, an allocation (`empty`) writes nothing, and a tensor that is only written to (an `out=` argument,
+    the destination of `copy_`, `fill_` or `zero_`) is not read.
     """
 
     def __init__(self):
@@ -54,13 +55,27 @@ class CountOps(TorchDispatchMode):
         if func.is_view or func is torch.ops.aten._unsafe_view.default:
             return out
         self.count += 1
-        written = () if func.__name__.split(".")[0] in _ALLOCATIONS else out
-        tensors = tree_leaves((args, kwargs or {}, written))
+        name = func.__name__.split(".")[0]
+        written = () if name in _ALLOCATIONS else out
+        tensors = tree_leaves((_read(func, name, args, kwargs or {}), written))
         self.bytes += sum(_touched_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
         return out
 
 
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+_OVERWRITES = {"copy_", "fill_", "zero_"}  # in-place operations that do not read their destination
+
+
+def _read(func, name: str, args: tuple, kwargs: dict) -> list:
+    """The arguments an operation reads: all but those it only writes to (`out=`, or an overwrite's self)."""
+    written = {
+        a.name
+        for a in func._schema.arguments
+        if a.alias_info is not None and a.alias_info.is_write and (a.kwarg_only or name in _OVERWRITES)
+    }
+    names = [a.name for a in func._schema.arguments]
+    positional = [value for arg, value in zip(names, args, strict=False) if arg not in written]
+    return [*positional, *(value for arg, value in kwargs.items() if arg not in written)]
 
 
 def _touched_bytes(tensor: torch.Tensor) -> int:

@@ -1,18 +1,21 @@
-"""A conditioned LoRA convolution with its backward written out: the two sums that autograd adds, done in place.
+"""A conditioned LoRA projection with its backward written out: the sums that autograd adds, done in place.
 
-For a channels-first 1x1 convolution W (C_out, C_in) with bias b, stacked adapters A (r*M, C_in) and
-B (C_out, r*M), and per-sample mixing weights omega (N, M) (omega_r: each repeated r times, basis-major),
+For a linear layer or a 1x1 convolution W (C_out, C_in) with bias b, stacked adapters A (r*M, C_in) and
+B (C_out, r*M), per-sample mixing weights omega (N, M) (omega_r: each repeated r times, basis-major) and,
+optionally, UC-LoRA's per-basis bias P (r*M, C_out),
 
-    out = W x + b + B (omega_r * (A x))
+    out = W x + b + B (omega_r * (A x)) + P^T omega_r
 
 Autograd over these operations writes B's projection of the adapters' activations, then reads it back with
-W x to sum them, and in the backward writes A's gradient with respect to x, then reads it back with W's to
-sum them. Here each of those products accumulates into the other term's fresh output instead (a matrix
-product with beta 1), which saves a write and a read of a whole activation map each way: a quarter to a
-third of the bytes the adapters of a qkv layer add. On a GPU whose eager step is bound by memory bandwidth
-that is what the adapters cost (see `benchmarks/op_count.py`); under `torch.compile`, which fuses kernels
-itself, the layer keeps the plain operations. Results are those of the plain expression up to the order of
-floating-point additions (tested, values and gradients).
+W x to sum them (and once more to add the per-basis bias term), and in the backward writes A's gradient with
+respect to x, then reads it back with W's to sum them. Here each of those products accumulates into the other
+term's fresh output instead (a matrix product with beta 1), which saves a write and a read of a whole
+activation map each way. The per-basis bias term rides in the same product: omega (M channels, constant over
+the positions) is appended to the weighed activations and each basis's summed bias rows to B, so the term
+costs M more channels of the adapters' small activations instead of a pass over the output. On a GPU whose
+eager step is bound by memory bandwidth that is what the adapters cost (see `benchmarks/op_count.py`); under
+`torch.compile`, which fuses kernels itself, the layer keeps the plain operations. Results are those of the
+plain expression up to the order of floating-point additions (tested, values and gradients).
 """
 
 from __future__ import annotations
@@ -21,69 +24,110 @@ import torch
 import torch.nn.functional as F
 
 
-def conditioned_conv(
-    x: torch.Tensor,  # (N, C_in, *spatial)
+def conditioned_projection(
+    x: torch.Tensor,  # (N, C_in, *spatial) for a convolution, (N, ..., C_in) for a linear layer
     weight: torch.Tensor,  # W: (C_out, C_in), or its 1x1 kernel
     bias: torch.Tensor | None,  # b: (C_out,)
     down: torch.Tensor,  # A: (r*M, C_in)
     up: torch.Tensor,  # B: (C_out, r*M)
     omega: torch.Tensor,  # (N, M), scaled
     rank: int,  # r
+    basis_bias: torch.Tensor | None = None,  # P: (r*M, C_out)
+    channel_dim: int = 1,  # 1: a convolution's channels; -1: a linear layer's
 ) -> torch.Tensor:
-    """W x + b + B (omega_r * (A x)), (N, C_out, *spatial), in autocast's dtype where autocast is on (every
-    operand cast once, as autocast would for each convolution)."""
+    """W x + b + B (omega_r * (A x)) + P^T omega_r, in x's layout, in autocast's dtype where autocast is on
+    (every operand cast once, as autocast would for each product)."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         dtype = torch.get_autocast_dtype(device)
         x, weight, down, up, omega = (t.to(dtype) for t in (x, weight, down, up, omega))
-        bias = None if bias is None else bias.to(dtype)
-    return _ConditionedConv.apply(x, weight.reshape(up.shape[0], -1), bias, down, up, omega, rank)
+        bias, basis_bias = (None if t is None else t.to(dtype) for t in (bias, basis_bias))
+    dim = channel_dim % x.dim()
+    return _ConditionedProjection.apply(
+        x, weight.reshape(up.shape[0], -1), bias, down, up, omega, basis_bias, rank, dim
+    )
 
 
-class _ConditionedConv(torch.autograd.Function):
+class _ConditionedProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, omega, rank):
-        h = conv1x1(x, down)  # A x
-        weighed = weigh(h, omega, rank)  # omega_r * A x
-        out = conv1x1(x, weight, bias)
-        _accumulate(out, up, weighed)  # += B (omega_r * A x)
+    def forward(ctx, x, weight, bias, down, up, omega, basis_bias, rank, dim):
+        h = project(x, down, dim=dim)  # A x
+        if basis_bias is None:
+            weighed = weigh(h, omega, rank, dim)  # omega_r * A x
+        else:  # [omega_r * A x | omega] and [B | P summed per basis]: the bias term is part of the product
+            weighed = _empty_with_channels(h, h.shape[dim] + omega.shape[1], dim)
+            weigh(h, omega, rank, dim, out=weighed.narrow(dim, 0, h.shape[dim]))
+            weighed.narrow(dim, h.shape[dim], omega.shape[1]).copy_(_along(omega, dim, x.dim()))
+            up = torch.cat([up, basis_bias.unflatten(0, (-1, rank)).sum(1).mT], dim=1)
+        out = project(x, weight, bias, dim)
+        _accumulate(out, up, weighed, dim)  # += B (omega_r * A x) (+ P^T omega_r)
         ctx.save_for_backward(x, weight, down, up, omega, h, weighed)
-        ctx.rank, ctx.bias_shape = rank, None if bias is None else bias.shape
+        ctx.rank, ctx.dim, ctx.bias_shape = rank, dim, None if bias is None else bias.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, down, up, omega, h, weighed = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_down, need_up, need_omega = ctx.needs_input_grad[:6]
+        rank, dim, width = ctx.rank, ctx.dim, down.shape[0]
+        need_x, need_weight, need_bias, need_down, need_up, need_omega, need_basis = ctx.needs_input_grad[:7]
         need_h = need_x or need_down or need_omega
-        grad_weighed, grad_up, _ = _conv_grads(grad, weighed, up, (need_h, need_up, False))
-        grad_x, grad_weight, grad_bias = _conv_grads(grad, x, weight, (need_x, need_weight, need_bias), ctx.bias_shape)
-        grad_down = grad_omega = None
-        if need_omega:  # per basis: summed over its r channels and every position
-            per_basis = grad_weighed.unflatten(1, (-1, ctx.rank)) * h.unflatten(1, (-1, ctx.rank))
-            grad_omega = per_basis.sum([2, *range(3, per_basis.dim())])
+        grad_weighed, grad_up, _ = _grads(grad, weighed, up, (need_h, need_up or need_basis, False), dim)
+        grad_x, grad_weight, grad_bias = _grads(grad, x, weight, (need_x, need_weight, need_bias), dim, ctx.bias_shape)
+        grad_down = grad_omega = grad_basis = None
+        if need_basis:  # each basis's summed rows: the same gradient for each of its r rows
+            grad_basis = grad_up[:, width:].mT.repeat_interleave(rank, dim=0)
+        if grad_up is not None:
+            grad_up = grad_up[:, :width]
+        if need_h:
+            grad_weighed, grad_constant = grad_weighed.split([width, grad_weighed.shape[dim] - width], dim)
+        if need_omega:  # per basis: summed over its r channels and every position (and its bias channel's)
+            per_basis = grad_weighed.unflatten(dim, (-1, rank)) * h.unflatten(dim, (-1, rank))
+            grad_omega = _per_sample(per_basis, dim)
+            if grad_constant.shape[dim]:  # the bias channels
+                grad_omega = grad_omega + _per_sample(grad_constant, dim)
         if need_x or need_down:
-            grad_h = weigh(grad_weighed, omega, ctx.rank)
+            grad_h = weigh(grad_weighed, omega, rank, dim)
             if need_down:
-                grad_down = _conv_grads(grad_h, x, down, (False, True, False))[1]
+                grad_down = _grads(grad_h, x, down, (False, True, False), dim)[1]
             if need_x:
-                _accumulate(grad_x, down.mT, grad_h)  # += A^T grad_h
-        return grad_x, grad_weight, grad_bias, grad_down, grad_up, grad_omega, None
+                _accumulate(grad_x, down.mT, grad_h, dim)  # += A^T grad_h
+        return grad_x, grad_weight, grad_bias, grad_down, grad_up, grad_omega, grad_basis, None, None
 
 
-def weigh(h: torch.Tensor, omega: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+def weigh(
+    h: torch.Tensor, omega: torch.Tensor, rank: int, dim: int = 1, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """h's r*M channels at `dim` (basis-major, r per basis) times their basis's per-sample omega (N, M), through
-    a view that splits the channels into (M, r), so omega is never repeated."""
+    a view that splits the channels into (M, r), so omega is never repeated; into `out` if given."""
+    dim %= h.dim()
     split = h.unflatten(dim, (-1, rank))  # (..., M, r, ...)
-    shape = [1] * split.dim()
-    shape[0], shape[dim] = omega.shape
-    return (split * omega.reshape(shape)).flatten(dim, dim + 1)
+    omega = _along(omega, dim, split.dim())
+    if out is None:
+        return (split * omega).flatten(dim, dim + 1)
+    torch.mul(split, omega, out=out.unflatten(dim, (-1, rank)))
+    return out
 
 
-def conv1x1(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A (C_out, C_in) matrix applied along dim 1 of x (N, C_in, *spatial) as a 1x1 convolution."""
+def project(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
+    """A (C_out, C_in) matrix applied along x's channel dimension: the last (a linear layer) or dim 1 of
+    (N, C_in, *spatial) (a 1x1 convolution)."""
+    if dim == x.dim() - 1 or dim == -1:
+        return F.linear(x, matrix, bias)
     conv = F.conv1d if x.dim() == 3 else F.conv2d
     return conv(x, _kernel(matrix, x.dim() - 2), bias)
+
+
+def _along(omega: torch.Tensor, dim: int, dims: int) -> torch.Tensor:
+    """omega (N, M) shaped to broadcast against a `dims`-dimensional tensor with its M at `dim`."""
+    shape = [1] * dims
+    shape[0], shape[dim] = omega.shape
+    return omega.reshape(shape)
+
+
+def _per_sample(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t summed over every dimension but the sample's (0) and `dim`: (N, t.shape[dim])."""
+    summed = [d for d in range(1, t.dim()) if d != dim]
+    return t.sum(summed) if summed else t  # (an empty list would sum every dimension)
 
 
 def _kernel(matrix: torch.Tensor, spatial: int) -> torch.Tensor:
@@ -91,8 +135,12 @@ def _kernel(matrix: torch.Tensor, spatial: int) -> torch.Tensor:
     return matrix.reshape(*matrix.shape, *([1] * spatial))
 
 
-def _conv_grads(grad, inputs, matrix, mask, bias_shape=None):
-    """The 1x1 convolution's gradients (input, weight as a matrix, bias), each None where `mask` says so."""
+def _grads(grad, inputs, matrix, mask, dim, bias_shape=None):
+    """The projection's gradients (input, weight as a matrix, bias), each None where `mask` says so."""
+    if dim == inputs.dim() - 1:  # a linear layer: products over the rows
+        rows, grad_rows = inputs.reshape(-1, inputs.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_input = (grad_rows @ matrix).view(inputs.shape) if mask[0] else None
+        return grad_input, grad_rows.mT @ rows if mask[1] else None, grad_rows.sum(0) if mask[2] else None
     spatial = inputs.dim() - 2
     ones, zeros = [1] * spatial, [0] * spatial
     grad_input, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
@@ -101,21 +149,31 @@ def _conv_grads(grad, inputs, matrix, mask, bias_shape=None):
     return grad_input, None if grad_kernel is None else grad_kernel.view(matrix.shape), grad_bias
 
 
-def _accumulate(out: torch.Tensor, matrix: torch.Tensor, h: torch.Tensor) -> None:
-    """out += matrix (C_out, K) applied along dim 1 of h (N, K, ...), in place: one matrix product with beta 1
-    over the positions where both are channels-last (EDM's activations after its first attention are), one
-    batched product where both are channels-first, a convolution and a sum otherwise."""
-    rows_out, rows_h = _rows(out), _rows(h)
+def _accumulate(out: torch.Tensor, matrix: torch.Tensor, h: torch.Tensor, dim: int) -> None:
+    """out += matrix (C_out, K) applied along `dim` of h (N, K, ...), in place: one matrix product with beta 1
+    over the positions where both have their channels last in memory (a linear layer's; EDM's activations
+    after its first attention), one batched product where both are channels-first, a projection and a sum
+    otherwise."""
+    rows_out, rows_h = _rows(out, dim), _rows(h, dim)
     if rows_out is not None and rows_h is not None:
         rows_out.addmm_(rows_h, matrix.mT)
     elif out.is_contiguous() and h.is_contiguous():
         batch = out.shape[0]
         out.view(batch, out.shape[1], -1).baddbmm_(matrix.expand(batch, *matrix.shape), h.view(batch, h.shape[1], -1))
     else:
-        out.add_(conv1x1(h, matrix))
+        out.add_(project(h, matrix, dim=dim))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """A channels-last tensor (N, C, ...) as the (positions, C) matrix it is in memory; None if it is not one."""
-    last = t.movedim(1, -1)
-    return last.view(-1, last.shape[-1]) if t.dim() > 2 and last.is_contiguous() else None
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """t as the (positions, channels) matrix it is in memory when its channel dimension `dim` is innermost;
+    None if it is not."""
+    last = t.movedim(dim, -1)
+    return last.view(-1, last.shape[-1]) if last.is_contiguous() else None
+
+
+def _empty_with_channels(h: torch.Tensor, channels: int, dim: int) -> torch.Tensor:
+    """An uninitialised tensor of h's shape with `channels` at `dim`, its channels innermost where h's are."""
+    last = h.movedim(dim, -1)
+    if last.is_contiguous():
+        return h.new_empty(*last.shape[:-1], channels).movedim(-1, dim)
+    return h.new_empty(*h.shape[:dim], channels, *h.shape[dim + 1 :])

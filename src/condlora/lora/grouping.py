@@ -159,12 +159,13 @@ def grouped_bias_terms(
     layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], kept: StackCache | None = None
 ) -> list[torch.Tensor | None]:
     """sum_i omega_i b_i (B, C_out) of each layer with a per-basis bias whose omega is given, for layers of
-    one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere."""
+    one bias shape at once (one batched product), so the layer adds it with one operation. None elsewhere,
+    and for a layer whose per-sample call adds its term in its own projection (`ConditionedLoRA.fuses`)."""
 
     def keys() -> list[tuple | None]:
         return [
             None
-            if layer.basis_bias is None or omega is None
+            if layer.basis_bias is None or omega is None or layer.fuses()
             else (layer.basis_bias.shape, layer.rank, layer.basis_bias.dtype, layer.basis_bias.device)
             for layer, omega in zip(layers, omegas, strict=True)
         ]

@@ -7,9 +7,10 @@ All adapters are stacked into one down projection A (r*M x C_in) and one up proj
 the per-sample sum is a single rank-(r*M) product scaled by omega repeated r times: no per-sample weight
 is ever built. When the caller vouches that every sample shares one condition (`Conditions.shared`), the
 weighted delta is merged into the base weight once for that call instead. No path reads a tensor on the
-host: which path runs depends only on Python-level facts. A convolution's per-sample call in eager mode runs
-this sum as one autograd function that accumulates the adapters' projection into the base output, and their
-input gradient into the base's, in place (`condlora.lora.fused`): the same arithmetic, fewer bytes moved.
+host: which path runs depends only on Python-level facts. A per-sample call in eager mode runs this sum as
+one autograd function that accumulates the adapters' projection (and the per-basis bias term) into the base
+output, and their input gradient into the base's, in place (`condlora.lora.fused`): the same arithmetic,
+fewer bytes moved.
 
 A network's layers usually carry alike strategies: binding the conditions of a call (`bind_conditions`)
 computes what alike layers need for it together (`condlora.lora.grouping`) and hands each layer its part
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.fused import conditioned_conv, conv1x1, weigh
+from condlora.lora.fused import conditioned_projection, project, weigh
 from condlora.ops import recorded
 
 Merged = tuple[torch.Tensor, torch.Tensor | None]  # a merged (weight (C_out, C_in), bias (C_out,) or None)
@@ -190,6 +191,15 @@ class ConditionedLoRA(nn.Module):
             return self._forward_merged(x, omega[0])
         return self._forward_batched(x, omega, None if self.merged else call.bias)  # (a merged omega is a difference)
 
+    def fuses(self) -> bool:
+        """Whether a per-sample call runs as one autograd function with its sums done in place
+        (`conditioned_projection`, which adds the per-basis bias term itself): in eager mode (a compiler fuses
+        its own), without dropout, on a base layer of exactly a supported type with no hooks (whose forward
+        is what the function computes)."""
+        base = self.base_layer
+        plain = type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not (base._forward_hooks or base._forward_pre_hooks)
+        return plain and not (self.training and self.dropout) and not recorded()
+
     def _routable(self, cond: Conditions) -> bool:
         """Whether a router's split path applies: one strategy offering `routed`, one LoRA scale for the call,
         nothing merged, no per-basis bias, no dropout to apply."""
@@ -218,14 +228,14 @@ class ConditionedLoRA(nn.Module):
     def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor, bias_term: torch.Tensor | None) -> torch.Tensor:
         if self.channel_dim == -1:  # F.linear copies a strided input (transposed tokens): copy it once, for both
             x = x.contiguous()
-        dropping = self.training and self.dropout
-        if self.channel_dim == 1 and omega.dim() == 2 and not dropping and not recorded():
-            base = self.base_layer  # the same sum, its two additions done in place (a compiler fuses its own)
-            out = conditioned_conv(x, base.weight, base.bias, self.lora_down, self.lora_up, omega, self.rank)
-        else:
-            dropped = F.dropout(x, self.dropout, training=True) if dropping else x
-            h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
-            out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
+        if omega.dim() == 2 and self.fuses():  # the same sum, its additions done in place
+            base, down, up = self.base_layer, self.lora_down, self.lora_up
+            return conditioned_projection(
+                x, base.weight, base.bias, down, up, omega, self.rank, self.basis_bias, self.channel_dim
+            )
+        dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
+        h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
+        out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
         if bias_term is not None:  # computed at binding
             out = out + self._broadcast(bias_term.to(out.dtype), x)
         elif self.basis_bias is not None:
@@ -272,7 +282,7 @@ class ConditionedLoRA(nn.Module):
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A (C_out', C_in') matrix applied along the channel dimension of x."""
-        return F.linear(x, weight, bias) if self.channel_dim == -1 else conv1x1(x, weight, bias)
+        return project(x, weight, bias, self.channel_dim)
 
     def _broadcast(self, per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, K) -> a shape that broadcasts against x's channel dimension."""
