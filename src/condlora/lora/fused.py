@@ -135,6 +135,10 @@ def _kernel(matrix: torch.Tensor, spatial: int) -> torch.Tensor:
     return matrix.reshape(*matrix.shape, *([1] * spatial))
 
 
+_convolution_backward = torch.ops.aten.convolution_backward.default
+_ONES, _ZEROS = {1: [1], 2: [1, 1]}, {1: [0], 2: [0, 0]}  # a 1x1 convolution's stride and padding
+
+
 def _grads(grad, inputs, matrix, mask, dim, bias_shape=None):
     """The projection's gradients (input, weight as a matrix, bias), each None where `mask` says so."""
     if dim == inputs.dim() - 1:  # a linear layer: products over the rows
@@ -142,9 +146,9 @@ def _grads(grad, inputs, matrix, mask, dim, bias_shape=None):
         grad_input = (grad_rows @ matrix).view(inputs.shape) if mask[0] else None
         return grad_input, grad_rows.mT @ rows if mask[1] else None, grad_rows.sum(0) if mask[2] else None
     spatial = inputs.dim() - 2
-    ones, zeros = [1] * spatial, [0] * spatial
-    grad_input, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-        grad, inputs, _kernel(matrix, spatial), bias_shape, ones, zeros, ones, False, zeros, 1, list(mask)
+    ones, zeros = _ONES[spatial], _ZEROS[spatial]
+    grad_input, grad_kernel, grad_bias = _convolution_backward(
+        grad, inputs, _kernel(matrix, spatial), bias_shape, ones, zeros, ones, False, zeros, 1, mask
     )
     return grad_input, None if grad_kernel is None else grad_kernel.view(matrix.shape), grad_bias
 
