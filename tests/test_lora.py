@@ -194,6 +194,19 @@ def test_grouped_bias_terms_equal_the_per_basis_sum_with_gradients():
         assert torch.allclose(g_grouped, g_own, atol=1e-10)
 
 
+def test_the_omega_rows_of_a_shape_are_a_view_where_they_sit_evenly_in_one_group():
+    omegas = torch.arange(7 * 2 * 3.0).view(7, 2, 3)
+    groups = [([0, 2, 4, 6], omegas[:4]), ([1, 3, 5], omegas[4:])]
+    assert grouping._evenly_placed([2, 4, 6], groups) == (0, slice(1, 4, 1))
+    assert grouping._evenly_placed([1, 5], groups) == (1, slice(0, 3, 2))
+    for uneven in ([0, 4, 6], [6, 4], [0, 1]):  # a gap, a reversed order, two groups
+        assert grouping._evenly_placed(uneven, groups) is None
+    omega_list = grouping.split_omegas(groups, 7)
+    for part in ([2, 4, 6], [1, 5], [0, 4, 6], [0, 1]):
+        rows = grouping._shared_rows(part, omega_list, groups, grouping.StackCache())
+        assert torch.equal(rows, torch.stack([omega_list[i][0] for i in part]))
+
+
 def _merged_written_out(layer: ConditionedLoRA, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W + sum_i omega_i B_i A_i and b + sum_i omega_i b_i for one omega (M,), basis by basis."""
     weight, bias = layer.base_layer.weight.reshape(layer.c_out, layer.c_in), layer.base_layer.bias
@@ -206,11 +219,15 @@ def _merged_written_out(layer: ConditionedLoRA, omega: torch.Tensor) -> tuple[to
     return weight, bias
 
 
+@pytest.mark.parametrize("rows_from_groups", [False, True])
 @pytest.mark.parametrize(("merge_limit", "together"), [(grouping.MERGE_LIMIT, 14), (5 * 10 * 12, 5)])
-def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit, together, monkeypatch):
+def test_grouped_merged_weights_equal_each_layers_own_with_gradients(
+    merge_limit, together, rows_from_groups, monkeypatch
+):
     """A shared call over layers of every layout, with and without (per-basis) biases, and layers that must
     merge their own (a lone shape, a merged layer, dropout in training, no grouped omega): the weights and
-    biases merged together, and their gradients, are those written out basis by basis (float64)."""
+    biases merged together, and their gradients, are those written out basis by basis (float64), whether
+    the omega rows of a shape are stacked or read from their omega groups (as binding does)."""
     monkeypatch.setattr(grouping, "MERGE_LIMIT", merge_limit)
     torch.manual_seed(0)
     layers = [
@@ -234,7 +251,10 @@ def test_grouped_merged_weights_equal_each_layers_own_with_gradients(merge_limit
     cond = cond.replace(embedding=cond.embedding.double(), lora_scale=torch.full((4,), 0.5, dtype=torch.float64))
     alone[1].merge(cond)
     layers = [*layers, *alone]
-    merged = grouped_merged_weights(layers, grouped_omegas(layers, cond))
+    groups = grouping.omega_groups(layers, cond)
+    merged = grouped_merged_weights(
+        layers, grouping.split_omegas(groups, len(layers)), None, groups if rows_from_groups else ()
+    )
     # within MERGE_LIMIT: every layer of a shared shape; within 5 weights: the first trio and two of the second
     assert [m is not None for m in merged] == [i < together for i in range(len(layers))]
     pairs = [(layer, m) for layer, m in zip(layers, merged, strict=True) if m is not None]

@@ -103,9 +103,10 @@ def test_inside_the_scope_a_second_call_stacks_no_parameter_and_gives_the_same_o
         assert torch.equal(a, b) and torch.equal(b, fresh)
         assert torch.allclose(b, _naive(layer, x, cond), atol=1e-4, rtol=1e-4)
     made = _binding_ops(layers, cond)  # after the scope: everything stacked anew
-    # all that is still stacked on a kept call: the omegas, for the merge of a shared call (the layers have one
-    # shape); a per-sample call's layers add their per-basis bias terms in their own projections
-    assert kept.get("aten.stack.default", 0) == (1 if shared else 0) < made["aten.stack.default"]
+    # nothing is stacked on a kept call: a shared call's merge reads the omega rows of the layers of one shape
+    # as a view of their group's, and a per-sample call's layers add their per-basis bias terms in their own
+    # projections
+    assert kept.get("aten.stack.default", 0) == 0 < made["aten.stack.default"]
     assert sum(kept.values()) < sum(made.values())
 
 
@@ -160,7 +161,7 @@ def test_scopes_nest_and_an_error_inside_closes_them():
         with layers.stacks.keeping():
             _call(layers, cond, inputs)
         kept = _binding_ops(layers, cond)
-        assert kept.get("aten.stack.default", 0) == 1  # the outer scope still keeps them
+        assert kept.get("aten.stack.default", 0) == 0  # the outer scope still keeps them
         raise KeyError("a failure inside the sampling loop")
     with torch.no_grad():
         assert _binding_ops(layers, cond)["aten.stack.default"] > 1  # closed: nothing is kept
@@ -236,8 +237,8 @@ def test_a_network_copy_keeps_its_own_stacks():
 
 @torch.no_grad()
 def test_generate_keeps_the_stacks_for_its_sampling_loop(monkeypatch):
-    """Extra sampling steps stack only the omegas when `generate` keeps the stacks, every parameter stack
-    without it; the images are the same."""
+    """Extra sampling steps stack nothing when `generate` keeps the stacks (the merge reads the omega rows as
+    views), every parameter stack without it; the images are the same."""
     stacks, images = {}, {}
     for keeping in (True, False):
         if not keeping:
@@ -248,9 +249,9 @@ def test_generate_keeps_the_stacks_for_its_sampling_loop(monkeypatch):
                 images[keeping, steps], _ = generate_module.generate(
                     net, process_for(cfg), cfg.sample, (1, 28, 28), 10, progress=False
                 )
-            stacks[keeping, steps] = ops.counts["aten.stack.default"]
+            stacks[keeping, steps] = ops.counts.get("aten.stack.default", 0)
     per_step = {keeping: (stacks[keeping, 4] - stacks[keeping, 2]) / 2 for keeping in (True, False)}
-    assert 0 < per_step[True] < per_step[False]
+    assert per_step[True] == 0 < per_step[False]
     assert torch.equal(images[True, 4], images[False, 4]) and torch.equal(images[True, 2], images[False, 2])
 
 
@@ -261,7 +262,7 @@ def test_a_pickled_cache_and_keep_stacks_of_bare_layers():
     cond, inputs = _conditions(4, shared=True), _inputs()
     with torch.no_grad(), keep_stacks(layers):
         _call(layers, cond, inputs)
-        assert _binding_ops(layers, cond)["aten.stack.default"] == 1  # kept
+        assert _binding_ops(layers, cond).get("aten.stack.default", 0) == 0  # kept
         copied = pickle.loads(pickle.dumps((modules, layers)))
     copied_modules, copied_layers = copied
     _write_through_data(copied_modules)

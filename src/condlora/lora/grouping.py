@@ -125,14 +125,21 @@ def grouped_omegas(
     `group_key` at once: a few operations per group instead of a few per layer. None for a layer that
     computes its own (its strategies read the input, or have no grouped form). `kept` may keep the groups
     and the stacked parameters for the next call (here, as in the functions below)."""
+    return split_omegas(omega_groups(layers, cond, kept), len(layers))
+
+
+OmegaGroups = list[tuple[list[int], torch.Tensor]]  # (indices of alike layers, their omegas (L, B, M))
+
+
+def omega_groups(layers: Sequence[ConditionedLoRA], cond: Conditions, kept: StackCache | None = None) -> OmegaGroups:
+    """The omegas of each group of alike layers, as one (L, B, M) tensor (see `grouped_omegas`)."""
     kept = kept if kept is not None else StackCache()
-    omegas: list[torch.Tensor | None] = [None] * len(layers)
-    stack = kept.stack
+    groups = []
     for indices in kept.groups("omega", lambda: [layer.group_key() for layer in layers]):
         members = [layers[i] for i in indices]
         first, dtype = members[0], members[0].lora_down.dtype
         parts = [
-            type(strategy).grouped([m.strategies[name] for m in members], cond, dtype, stack).to(dtype)
+            type(strategy).grouped([m.strategies[name] for m in members], cond, dtype, kept.stack).to(dtype)
             for name, strategy in first.strategies.items()
         ]
         omega = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (L, B, M)
@@ -140,7 +147,14 @@ def grouped_omegas(
             omega = omega * cond.lora_scale.to(dtype)[None, :, None]
         if first.scaling != 1.0:
             omega = omega * first.scaling
-        omega = omega.to(_compute_dtype(first.lora_down))  # once for the group, not once per layer
+        groups.append((indices, omega.to(_compute_dtype(first.lora_down))))  # cast once for the group
+    return groups
+
+
+def split_omegas(groups: OmegaGroups, count: int) -> list[torch.Tensor | None]:
+    """Each of `count` layers' omega (B, M), a view into its group's; None for a layer in no group."""
+    omegas: list[torch.Tensor | None] = [None] * count
+    for indices, omega in groups:
         for i, layer_omega in zip(indices, omega.unbind(0), strict=True):
             omegas[i] = layer_omega
     return omegas
@@ -185,7 +199,10 @@ MERGE_LIMIT = 1 << 22  # elements: merged weights computed together for one call
 
 
 def grouped_merged_weights(
-    layers: Sequence[ConditionedLoRA], omegas: list[torch.Tensor | None], kept: StackCache | None = None
+    layers: Sequence[ConditionedLoRA],
+    omegas: list[torch.Tensor | None],
+    kept: StackCache | None = None,
+    groups: OmegaGroups = (),
 ) -> list[Merged | None]:
     """For a call whose samples share one condition: each layer's merged weight W + sum_i omega_i B_i A_i
     (C_out, C_in) and bias (its base bias plus sum_i omega_i b_i with a per-basis bias), computed for layers of
@@ -193,7 +210,9 @@ def grouped_merged_weights(
     for the whole call, so at most MERGE_LIMIT elements of them are made together (the attention weights of
     every preset; a large model's layers are not launch-bound, and would hold a copy of their weights).
     None for a layer that merges its own: its omega is its own, it holds a merged delta, it drops its input in
-    training, it is alone in its shape, or its weights do not fit in what is left of MERGE_LIMIT."""
+    training, it is alone in its shape, or its weights do not fit in what is left of MERGE_LIMIT. Given the
+    `omega_groups` that `omegas` were split from, the rows that the layers of a shape share are read from
+    them as a view where they can be (no stack)."""
 
     def keys() -> list[tuple | None]:
         return [None if omega is None else layer.merge_key() for layer, omega in zip(layers, omegas, strict=True)]
@@ -209,7 +228,7 @@ def grouped_merged_weights(
         budget -= len(part) * first.c_out * first.c_in
         members = [layers[i] for i in part]
         base, ups, downs, biases, basis = kept.value(("merge", *part), partial(_merge_stacks, members, stack))
-        omega = torch.stack([omegas[i][0] for i in part])  # (L, M): the row all samples share
+        omega = _shared_rows(part, omegas, groups, kept)  # (L, M): the row all samples share
         weights = torch.baddbmm(base, scaled_up(ups, omega, first.rank), downs)  # W + sum omega_i B_i A_i
         if basis is not None:  # b + sum_i omega_i b_i, the r rows of each basis's bias summed beforehand
             scale = omega[:, None, :]  # (L, 1, M)
@@ -218,6 +237,29 @@ def grouped_merged_weights(
         for i, weight, bias in zip(part, weights.unbind(0), biases, strict=True):
             merged[i] = (weight, bias)
     return merged
+
+
+def _shared_rows(part: list[int], omegas: list[torch.Tensor | None], groups: OmegaGroups, kept: StackCache):
+    """The first row of each omega of the layers in `part`, (L, M): a strided view of their omega group where
+    they sit in one at evenly spaced places (a network's layers of one shape alternate with the others), else
+    a stack. Where they sit is found once while `kept` is kept."""
+    found = kept.value(("rows", *part), partial(_evenly_placed, part, groups))
+    if found is None:
+        return torch.stack([omegas[i][0] for i in part])
+    group, rows = found
+    return groups[group][1][rows, 0]
+
+
+def _evenly_placed(part: list[int], groups: OmegaGroups) -> tuple[int, slice] | None:
+    """(the omega group holding every layer of `part`, the slice of its rows that they are), if there is one."""
+    for number, (indices, _) in enumerate(groups):
+        places = {layer: place for place, layer in enumerate(indices)}
+        if all(i in places for i in part):
+            rows = [places[i] for i in part]
+            step = rows[1] - rows[0] if len(rows) > 1 else 1
+            if step > 0 and rows == list(range(rows[0], rows[0] + step * len(rows), step)):
+                return number, slice(rows[0], rows[-1] + 1, step)
+    return None
 
 
 def _merge_stacks(members: list[ConditionedLoRA], stack: Stack) -> tuple:

@@ -22,7 +22,8 @@ from condlora.lora.grouping import (
     StackCache,
     grouped_bias_terms,
     grouped_merged_weights,
-    grouped_omegas,
+    omega_groups,
+    split_omegas,
 )
 from condlora.lora.layer import CallValues, ConditionedLoRA
 from condlora.lora.spec import LoRASpec
@@ -142,10 +143,11 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
         layers = list(model)
     kept = model.stacks if isinstance(model, LoRALayers) else StackCache()  # a plain list keeps nothing
     previous = [(layer.conditions, layer.call) for layer in layers]
-    omegas = grouped_omegas(layers, cond, kept)
+    groups = omega_groups(layers, cond, kept)
+    omegas = split_omegas(groups, len(layers))
     nothing = [None] * len(layers)
     terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, kept)  # shared: merged in the bias
-    merged = grouped_merged_weights(layers, omegas, kept) if cond.shared else nothing
+    merged = grouped_merged_weights(layers, omegas, kept, groups) if cond.shared else nothing
     for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
         layer.bind(cond, CallValues(cond, omega, term, weight))
     try:
