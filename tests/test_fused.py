@@ -143,14 +143,17 @@ def _training_layer(base: nn.Module, basis_bias: bool) -> ConditionedLoRA:
     return lora
 
 
-def _run(lora: ConditionedLoRA, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    cond = Conditions(
+def _conditions() -> Conditions:
+    return Conditions(
         step=torch.arange(BATCH) * 3,
         labels=torch.arange(BATCH) % 3,
         embedding=torch.linspace(-1, 1, BATCH * 8).view(BATCH, 8).double(),
     )
+
+
+def _run(lora: ConditionedLoRA, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     lora.zero_grad(set_to_none=True)
-    with bind_conditions([lora], cond):
+    with bind_conditions([lora], _conditions()):
         out = lora(x)
     out.square().sum().backward()
     return out.detach(), [p.grad for p in lora.parameters()]
@@ -219,3 +222,54 @@ def test_a_gradient_in_any_layout_is_taken_as_it_comes():
     expected.backward(grad)
     for name in NAMES:
         torch.testing.assert_close(leaves[name].grad, reference_leaves[name].grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("basis_bias", [False, True])
+@pytest.mark.parametrize("layout", ["conv2d", "channels_last", "linear"])
+def test_gradients_of_gradients_are_those_of_the_plain_expression(layout, basis_bias):
+    """With create_graph (a gradient penalty, a Hessian-vector product) the gradients carry their own graph,
+    and differentiating them again gives what it gives for the plain expression, for every operand."""
+    operands, channel_dim = _in_layout(_operands(), layout, basis_bias)
+    names = [name for name in NAMES if operands[name] is not None]
+    second = []
+    for fn in (conditioned_projection, _reference):
+        leaves = {name: None if t is None else t.clone().requires_grad_() for name, t in operands.items()}
+        args = [leaves[name] for name in NAMES]
+        if fn is conditioned_projection:
+            out = fn(*args[:6], RANK, args[6], channel_dim)
+        else:
+            out = fn(*args, channel_dim)
+        grads = torch.autograd.grad(out.square().sum(), [leaves[name] for name in names], create_graph=True)
+        penalty = sum((g * torch.linspace(-1, 1, g.numel(), dtype=g.dtype).view(g.shape)).square().sum() for g in grads)
+        second.append(torch.autograd.grad(penalty, [leaves[name] for name in names]))
+    for name, got, expected in zip(names, *second, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=name)
+
+
+class _Binding(nn.Module):
+    def __init__(self, lora: ConditionedLoRA):
+        super().__init__()
+        self.lora = lora
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with bind_conditions([self.lora], _conditions()):
+            return self.lora(x)
+
+
+@pytest.mark.parametrize("base", BASES_AND_INPUTS)
+def test_under_a_torch_func_transform_the_layer_keeps_the_plain_operations(base):
+    """A Python autograd function without a functorch rule cannot run under torch.func.grad or vmap
+    (per-sample gradients, meta-learning): there the layer takes the plain operations, with the gradients
+    that autograd gives the fused path."""
+    make, shape = BASES_AND_INPUTS[base]
+    lora = _training_layer(make(), basis_bias=True)
+    x = torch.randn(shape, dtype=torch.float64)
+    network = _Binding(lora)  # binds inside the call, as a backbone does: with the parameters of the call
+
+    def loss(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(network, parameters, (x,)).square().sum()
+
+    got = torch.func.grad(loss)(dict(network.named_parameters()))
+    _, expected = _run(lora, x)
+    for (name, g), e in zip(got.items(), expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)

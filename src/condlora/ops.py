@@ -28,9 +28,9 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 def recorded() -> bool:
-    """Whether a compiler or a tracer records this call: what it records must be computed (not served from a
-    cache), and it fuses operations itself."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Whether a compiler, a tracer or a torch.func transform (grad, vmap) records this call: what it records
+    must be computed (not served from a cache) from plain operations, which a compiler fuses itself."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
 
 
 class CountOps(TorchDispatchMode):

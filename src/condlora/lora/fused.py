@@ -52,27 +52,31 @@ class _ConditionedProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, omega, basis_bias, rank, dim):
         h = project(x, down, dim=dim)  # A x
+        extended = up
         if basis_bias is None:
             weighed = weigh(h, omega, rank, dim)  # omega_r * A x
         else:  # [omega_r * A x | omega] and [B | P summed per basis]: the bias term is part of the product
             weighed = _empty_with_channels(h, h.shape[dim] + omega.shape[1], dim)
             weigh(h, omega, rank, dim, out=weighed.narrow(dim, 0, h.shape[dim]))
             weighed.narrow(dim, h.shape[dim], omega.shape[1]).copy_(_along(omega, dim, x.dim()))
-            up = torch.cat([up, basis_bias.unflatten(0, (-1, rank)).sum(1).mT], dim=1)
+            extended = torch.cat([up, basis_bias.unflatten(0, (-1, rank)).sum(1).mT], dim=1)
         out = project(x, weight, bias, dim)
-        _accumulate(out, up, weighed, dim)  # += B (omega_r * A x) (+ P^T omega_r)
-        ctx.save_for_backward(x, weight, down, up, omega, h, weighed)
-        ctx.rank, ctx.dim, ctx.bias_shape = rank, dim, None if bias is None else bias.shape
+        _accumulate(out, extended, weighed, dim)  # += B (omega_r * A x) (+ P^T omega_r)
+        ctx.save_for_backward(x, weight, bias, down, up, omega, basis_bias, extended, h, weighed)
+        ctx.rank, ctx.dim = rank, dim
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, down, up, omega, h, weighed = ctx.saved_tensors
+        x, weight, bias, down, _, omega, _, up, h, weighed = ctx.saved_tensors  # up: extended by the bias rows
+        if torch.is_grad_enabled():  # a graph of the gradients is asked for (create_graph): see _plain_vjp
+            return (*_plain_vjp(ctx, grad), None, None)
         rank, dim, width = ctx.rank, ctx.dim, down.shape[0]
         need_x, need_weight, need_bias, need_down, need_up, need_omega, need_basis = ctx.needs_input_grad[:7]
         need_h = need_x or need_down or need_omega
         grad_weighed, grad_up, _ = _grads(grad, weighed, up, (need_h, need_up or need_basis, False), dim)
-        grad_x, grad_weight, grad_bias = _grads(grad, x, weight, (need_x, need_weight, need_bias), dim, ctx.bias_shape)
+        bias_shape = None if bias is None else bias.shape
+        grad_x, grad_weight, grad_bias = _grads(grad, x, weight, (need_x, need_weight, need_bias), dim, bias_shape)
         grad_down = grad_omega = grad_basis = None
         if need_basis:  # each basis's summed rows: the same gradient for each of its r rows
             grad_basis = grad_up[:, width:].mT.repeat_interleave(rank, dim=0)
@@ -92,6 +96,22 @@ class _ConditionedProjection(torch.autograd.Function):
             if need_x:
                 _accumulate(grad_x, down.mT, grad_h, dim)  # += A^T grad_h
         return grad_x, grad_weight, grad_bias, grad_down, grad_up, grad_omega, grad_basis, None, None
+
+
+def _plain_vjp(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients of the plain expression, through autograd with a graph: the function's own backward uses
+    activations saved without one, so gradients of its gradients (a gradient penalty, a Hessian-vector
+    product) would miss their dependence on the inputs. Recomputes the forward, only when asked."""
+    x, weight, bias, down, up, omega, basis_bias = ctx.saved_tensors[:7]
+    inputs = [x, weight, bias, down, up, omega, basis_bias]
+    needed = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False) if need]
+    rank, dim = ctx.rank, ctx.dim
+    out = project(x, weight, bias, dim) + project(weigh(project(x, down, dim=dim), omega, rank, dim), up, dim=dim)
+    if basis_bias is not None:
+        term = omega @ basis_bias.unflatten(0, (-1, rank)).sum(1)  # (N, C_out)
+        out = out + _along(term, dim, x.dim())
+    grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
+    return [next(grads) if need else None for need in ctx.needs_input_grad[:7]]
 
 
 def weigh(
