@@ -5,8 +5,20 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from condlora.lora import UCMLP, ClassSelect, ConditionedLoRA, Conditions, TimeTable, bind_conditions, layer
+from condlora.diffusion import process_for
+from condlora.lora import (
+    UCMLP,
+    ClassSelect,
+    ConditionedLoRA,
+    Conditions,
+    TimeTable,
+    bind_conditions,
+    conditioned_layers,
+    layer,
+)
 from condlora.lora.fused import conditioned_projection
+from condlora.nets import build_network
+from condlora.presets import build_config
 
 C_IN, C_OUT, BASES, RANK, BATCH = 6, 9, 4, 3, 5
 NAMES = ("x", "weight", "bias", "down", "up", "omega", "basis_bias")
@@ -273,3 +285,24 @@ def test_under_a_torch_func_transform_the_layer_keeps_the_plain_operations(base)
     _, expected = _run(lora, x)
     for (name, g), e in zip(got.items(), expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["mnist-nano", "mnist-nano-uc-lora", "mnist-edm", "mnist-iddpm"])
+def test_every_lora_layer_of_a_preset_takes_the_fused_path_in_a_training_step(preset, monkeypatch):
+    """A training step of each kind of backbone runs every LoRA layer through the function: two in-place
+    products per layer (forward and input gradient) more than the plain operations run."""
+    cfg = build_config(preset)
+    net, process = build_network(cfg), process_for(cfg)
+    layers = len(list(conditioned_layers(net)))
+    x = torch.randn(2, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    labels = torch.arange(2) % cfg.model.num_classes if cfg.model.num_classes else None
+
+    def products() -> int:
+        with _Recorded() as recorded:
+            loss = process.loss(net, x, Conditions(labels=labels), torch.Generator().manual_seed(0))["loss"]
+            loss.mean().backward()
+        return sum(name in ("addmm_", "baddbmm_") for name, _ in recorded.ops)
+
+    fused = products()
+    monkeypatch.setattr(layer, "recorded", lambda: True)
+    assert layers > 0 and fused - products() == 2 * layers
