@@ -131,6 +131,46 @@ def test_conditions_reach_the_lora_layers_of_diffusers_unets(kind):
     assert torch.allclose(base, plain(x, timestep=t.float(), **kwargs).sample, atol=1e-5)
 
 
+def test_gradient_checkpointing_of_a_diffusers_model_recomputes_its_lora_layers_with_their_conditions():
+    """Blocks that diffusers checkpoints (`enable_gradient_checkpointing`, with its own or a given function)
+    run again in the backward pass, after binding has ended: their LoRA layers get the call's conditions
+    again, and every gradient is the one without checkpointing."""
+    from condlora.lora import LoRASpec
+    from condlora.nets.diffusers_unet import DiffusersUNet
+
+    unet = _tiny_unet("Transformer2DModel")  # a DiT: its transformer blocks, attention included, are checkpointed
+    spec = LoRASpec(time="compositional", time_bases=4, num_timesteps=100, classes="select", num_classes=3)
+    net = DiffusersUNet(unet, spec, num_classes=3).eval()  # eval: no class-label dropout, the same draw twice
+    layers = [layer for _, layer in conditioned_layers(net)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_up, std=0.05)
+    calls = []
+    layers[0].register_forward_hook(lambda module, args, out: calls.append(module.conditions is not None))
+    x, t, cond = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 95]), Conditions(labels=torch.tensor([0, 1, -1]))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        _predict(net, x, t, cond).square().sum().backward()
+        return {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+
+    expected = gradients()
+    checkpointed = []
+
+    def checkpoint(module, *args):
+        checkpointed.append(module)
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+
+    for given in (None, checkpoint):
+        calls.clear()
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=given)
+        got = gradients()
+        assert calls == [True, True]  # the forward call and its recomputation, both with conditions
+        assert got.keys() == expected.keys()
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert checkpointed  # a function of one's own is kept, with the conditions around it
+
+
 def test_diffusers_backbone_from_a_local_folder(tiny_config, tmp_path):
     unet = _tiny_unet("UNet2DModel")
     unet.save_pretrained(tmp_path / "unet")

@@ -12,6 +12,7 @@ from condlora.lora.inject import (
     keep_stacks,
     lora_state_dict,
     merge_lora,
+    rebinding_checkpoint,
     unmerge_lora,
 )
 from condlora.lora.layer import ConditionedLoRA
@@ -52,6 +53,7 @@ __all__ = [
     "merge_lora",
     "onehot_table",
     "read_lora",
+    "rebinding_checkpoint",
     "save_lora",
     "unmerge_lora",
 ]

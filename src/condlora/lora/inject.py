@@ -157,6 +157,43 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
             layer.bind(*state)
 
 
+def rebinding_checkpoint(checkpoint: Callable, layers: Sequence[ConditionedLoRA]) -> Callable:
+    """A gradient-checkpointing function, `checkpoint(module, *args)` as diffusers calls one, that gives the
+    layers their conditions again when the backward pass recomputes the module: binding ends with the
+    forward call, so a recomputed LoRA layer would otherwise find none. Each call captures what the layers
+    are bound to at that moment (the conditions and what binding computed with them, omegas included) and
+    recomputes under exactly that. Needs a non-reentrant checkpoint (diffusers' default), through which the
+    gradients reach the omegas computed outside the checkpointed module."""
+
+    def checkpoint_with_conditions(module: Callable, *args):
+        bound = [(layer.conditions, layer.call) for layer in layers]
+
+        def run(*inputs):
+            previous = [(layer.conditions, layer.call) for layer in layers]
+            for layer, state in zip(layers, bound, strict=True):
+                layer.bind(*state)
+            try:
+                return module(*inputs)
+            finally:
+                for layer, state in zip(layers, previous, strict=True):
+                    layer.bind(*state)
+
+        return checkpoint(_Called(run), *args)
+
+    checkpoint_with_conditions.rebinds = True
+    return checkpoint_with_conditions
+
+
+class _Called:
+    """A callable standing in for a module where a checkpoint function calls `module.__call__` (or `module()`)."""
+
+    def __init__(self, run: Callable):
+        self.run = run
+
+    def __call__(self, *args):
+        return self.run(*args)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA and conditioning tensors (adapters, per-basis biases, omega tables, MLPs)."""
     out = {}

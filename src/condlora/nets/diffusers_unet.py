@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from condlora.conditions import NULL_LABEL, Conditions
-from condlora.lora import LoRASpec, bind_conditions, inject_lora
+from condlora.lora import LoRASpec, bind_conditions, inject_lora, rebinding_checkpoint
+from condlora.ops import recorded
 
 DIFFUSERS_ATTENTION_TARGETS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -42,6 +43,10 @@ class DiffusersUNet(nn.Module):
         self.unet, self.num_classes = unet, num_classes
         self.lora_spec = lora.with_targets(DIFFUSERS_ATTENTION_TARGETS) if lora is not None and lora.active else None
         self._lora_layers = inject_lora(unet, self.lora_spec) if self.lora_spec is not None else []
+        # the blocks that diffusers checkpoints (`enable_gradient_checkpointing`): see _rebind_checkpoints
+        self._checkpointing = (
+            [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")] if self._lora_layers else []
+        )
         config = getattr(unet, "config", {})
         self._cross_attention = bool(config.get("cross_attention_dim")) and type(unet).__name__ != "UNet2DModel"
         self._class_labels = getattr(unet, "class_embedding", None) is not None or (
@@ -63,8 +68,19 @@ class DiffusersUNet(nn.Module):
                     "encoder_hidden_states)"
                 )
             kwargs["encoder_hidden_states"] = cond.context
+        if torch.is_grad_enabled() and not recorded():  # (a compiler recomputes inside its own graph)
+            self._rebind_checkpoints()
         with bind_conditions(self._lora_layers, cond):
             return self.unet(x, timestep=noise_level, **kwargs).sample
+
+    def _rebind_checkpoints(self) -> None:
+        """Blocks that checkpoint their activations run again in the backward pass, after this call's binding
+        has ended: their checkpoint function (whichever `enable_gradient_checkpointing` set) is wrapped once so
+        that the LoRA layers inside get their call's conditions again (`rebinding_checkpoint`)."""
+        for module in self._checkpointing:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if module.gradient_checkpointing and function is not None and not getattr(function, "rebinds", False):
+                module._gradient_checkpointing_func = rebinding_checkpoint(function, self._lora_layers)
 
 
 def load_diffusers_unet(folder: str | Path) -> nn.Module:
