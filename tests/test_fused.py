@@ -207,14 +207,17 @@ class _ScaledLinear(nn.Linear):
 def test_a_base_layer_with_its_own_forward_or_hooks_is_called_as_it_is():
     """The function computes what nn.Linear / nn.Conv computes: a subclass's forward or a hook on the base
     layer would be skipped by it, so such a layer keeps the plain operations, which call the base layer."""
-    calls = []
+    calls, gradients = [], []
     hooked = _training_layer(nn.Linear(C_IN, C_OUT), basis_bias=True)
     hooked.base_layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    backward_hooked = _training_layer(nn.Conv2d(C_IN, C_OUT, 1), basis_bias=True)
+    backward_hooked.base_layer.register_full_backward_hook(lambda module, grad_in, grad_out: gradients.append(1))
     subclassed = _training_layer(_ScaledLinear(C_IN, C_OUT), basis_bias=True)
     x = torch.randn(BATCH, 7, C_IN, dtype=torch.float64)
-    assert not hooked.fuses() and not subclassed.fuses()
+    assert not hooked.fuses() and not backward_hooked.fuses() and not subclassed.fuses()
     _run(hooked, x)
-    assert calls == [(BATCH, 7, C_OUT)]
+    _run(backward_hooked, torch.randn(BATCH, C_IN, 4, 3, dtype=torch.float64))
+    assert calls == [(BATCH, 7, C_OUT)] and gradients == [1]
     plain = _training_layer(nn.Linear(C_IN, C_OUT), basis_bias=True)
     plain.base_layer.load_state_dict(subclassed.base_layer.state_dict())
     subclassed_out, plain_out = _run(subclassed, x)[0], _run(plain, x)[0]

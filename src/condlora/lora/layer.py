@@ -197,7 +197,8 @@ class ConditionedLoRA(nn.Module):
         its own), without dropout, on a base layer of exactly a supported type with no hooks (whose forward
         is what the function computes)."""
         base = self.base_layer
-        plain = type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not (base._forward_hooks or base._forward_pre_hooks)
+        hooked = base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+        plain = type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not hooked
         return plain and not (self.training and self.dropout) and not recorded()
 
     def _routable(self, cond: Conditions) -> bool:
