@@ -142,14 +142,23 @@ def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditio
     else:
         layers = list(model)
     kept = model.stacks if isinstance(model, LoRALayers) else StackCache()  # a plain list keeps nothing
-    previous = [(layer.conditions, layer.call) for layer in layers]
     groups = omega_groups(layers, cond, kept)
     omegas = split_omegas(groups, len(layers))
     nothing = [None] * len(layers)
     terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, kept)  # shared: merged in the bias
     merged = grouped_merged_weights(layers, omegas, kept, groups) if cond.shared else nothing
-    for layer, omega, term, weight in zip(layers, omegas, terms, merged, strict=True):
-        layer.bind(cond, CallValues(cond, omega, term, weight))
+    states = [(cond, CallValues(cond, *values)) for values in zip(omegas, terms, merged, strict=True)]
+    with _bound_to(layers, states):
+        yield
+
+
+@contextmanager
+def _bound_to(layers: Sequence[ConditionedLoRA], states: Sequence[tuple]) -> Iterator[None]:
+    """Each layer bound to its (conditions, call values) in `states` for the enclosed calls, then to what it
+    was bound to before."""
+    previous = [(layer.conditions, layer.call) for layer in layers]
+    for layer, state in zip(layers, states, strict=True):
+        layer.bind(*state)
     try:
         yield
     finally:
@@ -168,30 +177,14 @@ def rebinding_checkpoint(checkpoint: Callable, layers: Sequence[ConditionedLoRA]
     def checkpoint_with_conditions(module: Callable, *args):
         bound = [(layer.conditions, layer.call) for layer in layers]
 
-        def run(*inputs):
-            previous = [(layer.conditions, layer.call) for layer in layers]
-            for layer, state in zip(layers, bound, strict=True):
-                layer.bind(*state)
-            try:
+        def run(*inputs):  # (called as `module.__call__` or `module()`: a function is both)
+            with _bound_to(layers, bound):
                 return module(*inputs)
-            finally:
-                for layer, state in zip(layers, previous, strict=True):
-                    layer.bind(*state)
 
-        return checkpoint(_Called(run), *args)
+        return checkpoint(run, *args)
 
     checkpoint_with_conditions.rebinds = True
     return checkpoint_with_conditions
-
-
-class _Called:
-    """A callable standing in for a module where a checkpoint function calls `module.__call__` (or `module()`)."""
-
-    def __init__(self, run: Callable):
-        self.run = run
-
-    def __call__(self, *args):
-        return self.run(*args)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
