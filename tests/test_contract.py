@@ -319,9 +319,15 @@ def test_time_table_reads_the_step_the_process_sets_not_the_noise_level():
 
 
 @pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="CPU kernels of the torch that wrote it")
-def test_training_today_reproduces_the_0_1_run_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("selected", [False, True])
+def test_training_today_reproduces_the_0_1_run_bit_for_bit(tmp_path, selected, monkeypatch):
+    """With the dense adapter products of 0.1, bit for bit. Projecting through each sample's selected bases
+    alone (the default since, `ConditionedLoRA.selects`) drops the products with zero weights, which changes
+    the order of floating-point additions and nothing else: the same run to float32 rounding."""
     from condlora.cli import main
 
+    if not selected:
+        monkeypatch.setattr(ConditionedLoRA, "selects", lambda self, cond: False)
     argv = ["train", "--preset", "digits-nano", "--nano.channels", "8", "--nano.channel_mult", "1,2",
             "--nano.attn_levels", "1", "--nano.num_heads", "2", "--ddpm.num_timesteps", "100", "--train.steps", "40",
             "--train.lr", "3e-3", "--train.warmup_steps", "2", "--train.batch_size", "16",
@@ -333,4 +339,7 @@ def test_training_today_reproduces_the_0_1_run_bit_for_bit(tmp_path):
     for group in ("model", "ema"):
         old = load_file(str(FIXTURE / "checkpoints" / "step-000000040" / f"{group}.safetensors"))
         new = load_file(str(tmp_path / "r" / "checkpoints" / "step-000000040" / f"{group}.safetensors"))
-        assert all(torch.equal(old[k], v) for k, v in new.items()), group
+        if selected:  # 40 steps at lr 3e-3 amplify the rounding to ~2e-5 of each tensor's largest entry
+            assert all(torch.allclose(v, old[k], rtol=0, atol=1e-4 * float(old[k].abs().max())) for k, v in new.items())
+        else:
+            assert all(torch.equal(old[k], v) for k, v in new.items()), group

@@ -49,7 +49,7 @@ def _reference(x, weight, bias, down, up, omega, basis_bias, channel_dim):
     w = weight.reshape(C_OUT, C_IN)
     out = torch.einsum("oc,nc...->no...", w, x) + bias.reshape(-1, *per_sample) + torch.einsum("ok,nk...->no...", up, h)
     if basis_bias is not None:
-        term = sum(omega_r[:, k, None] * basis_bias[k] for k in range(RANK * BASES))  # (N, C_out)
+        term = sum(omega_r[:, k, None] * basis_bias[k] for k in range(omega_r.shape[1]))  # (N, C_out)
         out = out + term.reshape(*term.shape, *per_sample)
     return out
 
@@ -97,6 +97,37 @@ def test_values_and_gradients_are_those_of_the_plain_expression(layout, needed, 
             torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-12, msg=name)
         else:
             assert grads[name] is None
+
+
+@pytest.mark.parametrize("basis_bias", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_sample_adapters_give_each_samples_plain_expression(layout, basis_bias):
+    """Adapters given per sample (a selection's gathered bases: k = 2 of them here): values and gradients of
+    every operand are those of the plain expression evaluated sample by sample with that sample's adapters."""
+    operands, channel_dim = _in_layout(_operands(), layout, basis_bias)
+    g = torch.Generator().manual_seed(1)
+    k = 2
+    each = {
+        "down": torch.randn(BATCH, RANK * k, C_IN, generator=g, dtype=torch.float64),
+        "up": torch.randn(BATCH, C_OUT, RANK * k, generator=g, dtype=torch.float64),
+        "omega": torch.randn(BATCH, k, generator=g, dtype=torch.float64),
+        "basis_bias": torch.randn(BATCH, RANK * k, C_OUT, generator=g, dtype=torch.float64) if basis_bias else None,
+    }
+    operands = {**operands, **each}
+
+    def per_sample(x, weight, bias, down, up, omega, basis_bias, channel_dim):
+        return torch.cat([
+            _reference(x[n : n + 1], weight, bias, down[n], up[n], omega[n : n + 1],
+                       None if basis_bias is None else basis_bias[n], channel_dim)
+            for n in range(BATCH)
+        ])  # fmt: skip
+
+    out, grads = _grads(conditioned_projection, operands, NAMES, channel_dim)
+    expected, expected_grads = _grads(per_sample, operands, NAMES, channel_dim)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for name in NAMES:
+        if operands[name] is not None:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 class _Recorded(TorchDispatchMode):

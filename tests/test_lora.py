@@ -1,5 +1,6 @@
 """Conditioned LoRA against a naive per-sample reference W_t = W + sum_i omega_i B_i A_i."""
 
+import contextlib
 import json
 
 import pytest
@@ -44,6 +45,7 @@ def _strategies(kind: str) -> dict[str, nn.Module]:
         "class_comp": {"class": ClassTable(C, 3)},
         "uc": {"uc": UCMLP(D, 5, widths=(8, 8))},
         "time_and_class": {"time": TimeTable(T, 6, trainable=True, init="onehot"), "class": ClassSelect(C)},
+        "time_fixed_and_class": {"time": TimeTable(T, 6), "class": ClassSelect(C)},
     }[kind]
 
 
@@ -99,7 +101,17 @@ def _naive(layer: ConditionedLoRA, x: torch.Tensor, cond: Conditions) -> torch.T
 
 
 LAYOUTS = ["linear", "conv1d", "conv2d"]
-KINDS = ["time_fixed", "time_noncomp", "time_train_gaussian", "class", "class_comp", "uc", "time_and_class"]
+KINDS = [
+    "time_fixed",
+    "time_noncomp",
+    "time_train_gaussian",
+    "class",
+    "class_comp",
+    "uc",
+    "time_and_class",
+    "time_fixed_and_class",
+]
+SELECTING = {"time_fixed", "time_noncomp", "class", "time_fixed_and_class"}  # omega rows sparse by construction
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -110,12 +122,81 @@ def test_batched_path_equals_naive_per_sample_reference(kind, layout, basis_bias
     _randomise(layer)
     x, cond = _input(layout, 5), _conditions(5)
     layer.conditions = cond
+    assert layer.selects(cond) == (kind in SELECTING)
     expected = _naive(layer, x, cond)
     assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
     layer.conditions = None
-    with bind_conditions([layer], cond):  # omega computed at binding, by the grouped form
-        assert layer.call.omega is not None
+    with bind_conditions([layer], cond):  # omega (or the selection) computed at binding, by the grouped form
+        assert (layer.call.selection if kind in SELECTING else layer.call.omega) is not None
         assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(SELECTING))
+@pytest.mark.parametrize("layout", [*LAYOUTS, "channels_last"])
+@pytest.mark.parametrize("basis_bias", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_selected_bases_give_the_reference_values_and_gradients(kind, layout, basis_bias, fused):
+    """The selected path (each sample's few bases gathered) against the naive per-sample reference, values
+    and gradients of the input and of every parameter, float64, with NULL labels, a per-sample LoRA scale and
+    alpha != r; the bases no sample selects get zero gradients. Fused (`conditioned_projection`) and by plain
+    operations (a hooked base layer: as under a compiler)."""
+    torch.manual_seed(0)
+    base = _base("conv2d" if layout == "channels_last" else layout)
+    if not fused:
+        base.register_forward_hook(lambda module, args, out: None)
+    layer = ConditionedLoRA(base, _strategies(kind), rank=3, alpha=6.0, basis_bias=basis_bias).double()
+    _randomise(layer)
+    x = _input("conv2d" if layout == "channels_last" else layout, 5).double()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    cond = _conditions(5).replace(labels=torch.tensor([2, -1, 0, 3, -1]), lora_scale=torch.tensor([1.0, 0.5, 0, 2, 1]))
+    assert layer.selects(cond) and layer.fuses() == fused
+    params = [x, *layer.parameters()]
+    out_grad = torch.randn_like(_naive(layer, x, cond))
+
+    def values_and_grads(forward):
+        out = forward()
+        return out, torch.autograd.grad(out, params, out_grad)
+
+    expected, expected_grads = values_and_grads(lambda: _naive(layer, x, cond))
+    layer.conditions = cond
+    for bound in (False, True):  # the layer's own selection, and the one binding computes
+        with bind_conditions([layer], cond) if bound else contextlib.nullcontext():
+            out, grads = values_and_grads(lambda: layer(x))
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+    unused = set(range(layer.num_bases)) - set(layer.selection(cond)[0].flatten().tolist())
+    grad_down = grads[next(i for i, p in enumerate(params) if p is layer.lora_down)].reshape(layer.num_bases, -1)
+    assert unused and all(grad_down[i].abs().max() == 0 for i in unused)
+
+
+def test_selected_bases_count_and_what_keeps_the_dense_path():
+    """Selection takes at most half of the bases: a fixed linear table's 2 of 11 and a class's 1 of 10 select,
+    a trained table, a class vector, a shared call or a merged layer do not."""
+    cond = _conditions(4)
+    assert TimeTable(T, 11).selected(cond)[0].shape == (4, 2)
+    assert TimeTable(T, T, init="onehot").selected(cond)[0].shape == (4, 1)
+    layer = ConditionedLoRA(_base("linear"), {"time": TimeTable(T, 11), "class": ClassSelect(10)}, rank=2)
+    assert layer.selects(cond) and layer.selection(cond)[0].shape == (4, 3)
+    assert not ConditionedLoRA(_base("linear"), {"time": TimeTable(T, 3)}, rank=2).selects(cond)  # 2 of 3
+    assert not ConditionedLoRA(_base("linear"), {"time": TimeTable(T, 11, trainable=True)}, rank=2).selects(cond)
+    assert not layer.selects(cond.replace(class_vector=torch.rand(4, 10)))
+    assert not layer.selects(cond.replace(shared=True))
+    layer.merge(_conditions(4, shared=True).replace(labels=torch.full((4,), 3)))
+    assert not layer.selects(cond)
+
+
+def test_a_loaded_fixed_table_is_indexed_anew():
+    """A fixed table's non-zeros are found again when a state dict loads another table into it."""
+    table = TimeTable(T, 11)
+    other = TimeTable(T, 11, init="onehot")
+    table.load_state_dict(other.state_dict())
+    cond = _conditions(6)
+    index, weight = table.selected(cond)
+    assert index.shape == (6, 1)
+    assert torch.equal(torch.zeros(6, 11).scatter(1, index, weight), other(cond))
 
 
 @pytest.mark.parametrize("stack_limit", [strategies.STACK_LIMIT, 0])  # 0: every time table gathered alone
@@ -144,12 +225,21 @@ def test_grouped_omegas_equal_each_layers_own_with_gradients(stack_limit, monkey
         return torch.autograd.grad(loss, params)
 
     grouped = grouped_omegas(layers, cond)
-    assert grouped[-1] is None and all(o is not None for o in grouped[:-1])
-    own = [layer.omega(cond, _input("linear", 5).double()) for layer in layers[:-1]]
+    selecting = [layer.selects(cond) for layer in layers]
+    assert grouped[-1] is None and all((o is None) == s for o, s in zip(grouped[:-1], selecting, strict=False))
+    for layer, selection in zip(layers, grouping.grouped_selections(layers, cond), strict=True):
+        assert (selection is not None) == layer.selects(cond)
+        if selection is not None:  # the selections grouped equal each layer's own
+            assert all(torch.equal(a, b) for a, b in zip(selection, layer.selection(cond), strict=True))
+    x = _input("linear", 5).double()
+    for i, layer in enumerate(layers[:-1]):
+        if grouped[i] is None:  # a selecting layer: its omega compared as it computes it
+            grouped[i] = layer.omega(cond, x)
+    own = [layer.omega(cond, x) for layer in layers[:-1]]
     for o_grouped, o_own in zip(grouped[:-1], own, strict=True):
         assert o_grouped.dtype == torch.float64
         assert torch.allclose(o_grouped, o_own, atol=1e-12)
-    plain = layers[-1].omega(cond, _input("linear", 5).double())
+    plain = layers[-1].omega(cond, x)
     for g_grouped, g_own in zip(loss_and_grads([*grouped[:-1], plain]), loss_and_grads([*own, plain]), strict=True):
         assert torch.allclose(g_grouped, g_own, atol=1e-10)
 

@@ -6,6 +6,10 @@ optionally, UC-LoRA's per-basis bias P (r*M, C_out),
 
     out = W x + b + B (omega_r * (A x)) + P^T omega_r
 
+A, B and P may also be given per sample, (N, r*k, C_in), (N, C_out, r*k) and (N, r*k, C_out), with omega
+(N, k): the k bases each sample's omega weighs, gathered (see `ConditionedLoRA.selects`); their products
+are then batched over the samples.
+
 Autograd over these operations writes B's projection of the adapters' activations, then reads it back with
 W x to sum them (and once more to add the per-basis bias term), and in the backward writes A's gradient with
 respect to x, then reads it back with W's to sum them. Here each of those products accumulates into the other
@@ -28,11 +32,11 @@ def conditioned_projection(
     x: torch.Tensor,  # (N, C_in, *spatial) for a convolution, (N, ..., C_in) for a linear layer
     weight: torch.Tensor,  # W: (C_out, C_in), or its 1x1 kernel
     bias: torch.Tensor | None,  # b: (C_out,)
-    down: torch.Tensor,  # A: (r*M, C_in)
-    up: torch.Tensor,  # B: (C_out, r*M)
-    omega: torch.Tensor,  # (N, M), scaled
+    down: torch.Tensor,  # A: (r*M, C_in), or (N, r*k, C_in) per sample
+    up: torch.Tensor,  # B: (C_out, r*M), or (N, C_out, r*k)
+    omega: torch.Tensor,  # (N, M) or (N, k), scaled
     rank: int,  # r
-    basis_bias: torch.Tensor | None = None,  # P: (r*M, C_out)
+    basis_bias: torch.Tensor | None = None,  # P: (r*M, C_out), or (N, r*k, C_out)
     channel_dim: int = 1,  # 1: a convolution's channels; -1: a linear layer's
 ) -> torch.Tensor:
     """W x + b + B (omega_r * (A x)) + P^T omega_r, in x's layout, in autocast's dtype where autocast is on
@@ -44,7 +48,7 @@ def conditioned_projection(
         bias, basis_bias = (None if t is None else t.to(dtype) for t in (bias, basis_bias))
     dim = channel_dim % x.dim()
     return _ConditionedProjection.apply(
-        x, weight.reshape(up.shape[0], -1), bias, down, up, omega, basis_bias, rank, dim
+        x, weight.reshape(up.shape[-2], -1), bias, down, up, omega, basis_bias, rank, dim
     )
 
 
@@ -59,7 +63,7 @@ class _ConditionedProjection(torch.autograd.Function):
             weighed = _empty_with_channels(h, h.shape[dim] + omega.shape[1], dim)
             weigh(h, omega, rank, dim, out=weighed.narrow(dim, 0, h.shape[dim]))
             weighed.narrow(dim, h.shape[dim], omega.shape[1]).copy_(_along(omega, dim, x.dim()))
-            extended = torch.cat([up, basis_bias.unflatten(0, (-1, rank)).sum(1).mT], dim=1)
+            extended = torch.cat([up, summed_rows(basis_bias, rank).mT], dim=-1)
         out = project(x, weight, bias, dim)
         _accumulate(out, extended, weighed, dim)  # += B (omega_r * A x) (+ P^T omega_r)
         ctx.save_for_backward(x, weight, bias, down, up, omega, basis_bias, extended, h, weighed)
@@ -71,7 +75,7 @@ class _ConditionedProjection(torch.autograd.Function):
         x, weight, bias, down, _, omega, _, up, h, weighed = ctx.saved_tensors  # up: extended by the bias rows
         if torch.is_grad_enabled():  # a graph of the gradients is asked for (create_graph): see _plain_vjp
             return (*_plain_vjp(ctx, grad), None, None)
-        rank, dim, width = ctx.rank, ctx.dim, down.shape[0]
+        rank, dim, width = ctx.rank, ctx.dim, down.shape[-2]
         need_x, need_weight, need_bias, need_down, need_up, need_omega, need_basis = ctx.needs_input_grad[:7]
         need_h = need_x or need_down or need_omega
         grad_weighed, grad_up, _ = _grads(grad, weighed, up, (need_h, need_up or need_basis, False), dim)
@@ -79,9 +83,9 @@ class _ConditionedProjection(torch.autograd.Function):
         grad_x, grad_weight, grad_bias = _grads(grad, x, weight, (need_x, need_weight, need_bias), dim, bias_shape)
         grad_down = grad_omega = grad_basis = None
         if need_basis:  # each basis's summed rows: the same gradient for each of its r rows
-            grad_basis = grad_up[:, width:].mT.repeat_interleave(rank, dim=0)
+            grad_basis = grad_up[..., width:].mT.repeat_interleave(rank, dim=-2)
         if grad_up is not None:
-            grad_up = grad_up[:, :width]
+            grad_up = grad_up[..., :width]
         if need_h:
             grad_weighed, grad_constant = grad_weighed.split([width, grad_weighed.shape[dim] - width], dim)
         if need_omega:  # per basis: summed over its r channels and every position (and its bias channel's)
@@ -108,7 +112,7 @@ def _plain_vjp(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
     rank, dim = ctx.rank, ctx.dim
     out = project(x, weight, bias, dim) + project(weigh(project(x, down, dim=dim), omega, rank, dim), up, dim=dim)
     if basis_bias is not None:
-        term = omega @ basis_bias.unflatten(0, (-1, rank)).sum(1)  # (N, C_out)
+        term = (omega.unsqueeze(-2) @ summed_rows(basis_bias, rank)).squeeze(-2)  # (N, C_out)
         out = out + _along(term, dim, x.dim())
     grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
     return [next(grads) if need else None for need in ctx.needs_input_grad[:7]]
@@ -128,13 +132,31 @@ def weigh(
     return out
 
 
+def summed_rows(basis_bias: torch.Tensor, rank: int) -> torch.Tensor:
+    """Per-basis biases (..., r*M, C_out), r rows per basis, with each basis's rows summed: (..., M, C_out)."""
+    return basis_bias.unflatten(-2, (-1, rank)).sum(-2)
+
+
 def project(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
-    """A (C_out, C_in) matrix applied along x's channel dimension: the last (a linear layer) or dim 1 of
-    (N, C_in, *spatial) (a 1x1 convolution)."""
+    """A (C_out, C_in) matrix, or one per sample (N, C_out, C_in), applied along x's channel dimension: the last
+    (a linear layer) or dim 1 of (N, C_in, *spatial) (a 1x1 convolution)."""
+    if matrix.dim() == 3:
+        return _project_each(x, matrix, dim % x.dim())
     if dim == x.dim() - 1 or dim == -1:
         return F.linear(x, matrix, bias)
     conv = F.conv1d if x.dim() == 3 else F.conv2d
     return conv(x, _kernel(matrix, x.dim() - 2), bias)
+
+
+def _project_each(x: torch.Tensor, matrices: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each sample's own (C_out, C_in) matrix applied along its channel dimension `dim`: one batched product,
+    channels first where x has them so in memory, else over rows of channels."""
+    batch, width = x.shape[0], matrices.shape[1]
+    if dim == 1 and _rows(x, dim) is None:  # (N, C_out, C_in) @ (N, C_in, P)
+        return torch.bmm(matrices, x.reshape(batch, x.shape[1], -1)).view(batch, width, *x.shape[2:])
+    last = x.movedim(dim, -1)
+    out = torch.bmm(last.reshape(batch, -1, last.shape[-1]), matrices.mT)  # (N, P, C_in) @ (N, C_in, C_out)
+    return out.view(*last.shape[:-1], width).movedim(-1, dim)
 
 
 def _along(omega: torch.Tensor, dim: int, dims: int) -> torch.Tensor:
@@ -161,6 +183,8 @@ _ONES, _ZEROS = {1: [1], 2: [1, 1]}, {1: [0], 2: [0, 0]}  # a 1x1 convolution's 
 
 def _grads(grad, inputs, matrix, mask, dim, bias_shape=None):
     """The projection's gradients (input, weight as a matrix, bias), each None where `mask` says so."""
+    if matrix.dim() == 3:
+        return _grads_each(grad, inputs, matrix, mask, dim)
     if dim == inputs.dim() - 1:  # a linear layer: products over the rows
         rows, grad_rows = inputs.reshape(-1, inputs.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_input = (grad_rows @ matrix).view(inputs.shape) if mask[0] else None
@@ -173,26 +197,43 @@ def _grads(grad, inputs, matrix, mask, dim, bias_shape=None):
     return grad_input, None if grad_kernel is None else grad_kernel.view(matrix.shape), grad_bias
 
 
+def _grads_each(grad, inputs, matrices, mask, dim):
+    """`_grads` of per-sample matrices (N, C_out, K), without a bias: the input's and each sample's matrix's."""
+    batch = grad.shape[0]
+    if dim == 1 and _rows(inputs, dim) is None:  # channels first: (N, C, P)
+        grad_flat, flat = grad.reshape(batch, grad.shape[1], -1), inputs.reshape(batch, inputs.shape[1], -1)
+        grad_input = torch.bmm(matrices.mT, grad_flat).view(inputs.shape) if mask[0] else None
+        return grad_input, torch.bmm(grad_flat, flat.mT) if mask[1] else None, None
+    last, grad_last = inputs.movedim(dim, -1), grad.movedim(dim, -1)  # rows: (N, P, C)
+    grad_rows, rows = grad_last.reshape(batch, -1, grad_last.shape[-1]), last.reshape(batch, -1, last.shape[-1])
+    grad_input = torch.bmm(grad_rows, matrices).view(last.shape).movedim(-1, dim) if mask[0] else None
+    return grad_input, torch.bmm(grad_rows.mT, rows) if mask[1] else None, None
+
+
 def _accumulate(out: torch.Tensor, matrix: torch.Tensor, h: torch.Tensor, dim: int) -> None:
-    """out += matrix (C_out, K) applied along `dim` of h (N, K, ...), in place: one matrix product with beta 1
-    over the positions where both have their channels last in memory (a linear layer's; EDM's activations
-    after its first attention), one batched product where both are channels-first, a projection and a sum
-    otherwise."""
+    """out += matrix (C_out, K), or each sample's (N, C_out, K), applied along `dim` of h (N, K, ...), in place:
+    one matrix product with beta 1 over the positions where both have their channels last in memory (a linear
+    layer's; EDM's activations after its first attention), one batched product where both are channels-first,
+    a projection and a sum otherwise."""
     rows_out, rows_h = _rows(out, dim), _rows(h, dim)
+    batch = out.shape[0]
     if rows_out is not None and rows_h is not None:
-        rows_out.addmm_(rows_h, matrix.mT)
+        if matrix.dim() == 3:
+            rows_out.baddbmm_(rows_h, matrix.mT)
+        else:
+            rows_out.flatten(0, 1).addmm_(rows_h.flatten(0, 1), matrix.mT)
     elif out.is_contiguous() and h.is_contiguous():
-        batch = out.shape[0]
-        out.view(batch, out.shape[1], -1).baddbmm_(matrix.expand(batch, *matrix.shape), h.view(batch, h.shape[1], -1))
+        matrices = matrix if matrix.dim() == 3 else matrix.expand(batch, *matrix.shape)
+        out.view(batch, out.shape[1], -1).baddbmm_(matrices, h.view(batch, h.shape[1], -1))
     else:
         out.add_(project(h, matrix, dim=dim))
 
 
 def _rows(t: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """t as the (positions, channels) matrix it is in memory when its channel dimension `dim` is innermost;
+    """t as the (N, positions, channels) tensor it is in memory when its channel dimension `dim` is innermost;
     None if it is not."""
     last = t.movedim(dim, -1)
-    return last.view(-1, last.shape[-1]) if last.is_contiguous() else None
+    return last.view(last.shape[0], -1, last.shape[-1]) if last.is_contiguous() else None
 
 
 def _empty_with_channels(h: torch.Tensor, channels: int, dim: int) -> torch.Tensor:

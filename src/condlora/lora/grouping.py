@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from condlora.conditions import Conditions
-from condlora.lora.layer import scaled_up
+from condlora.lora.fused import summed_rows
+from condlora.lora.layer import combined_selection, compute_dtype, defines, scaled_up
 from condlora.lora.strategies import Stack
 from condlora.ops import recorded
 
 if TYPE_CHECKING:
-    from condlora.lora.layer import ConditionedLoRA, Merged
+    from condlora.lora.layer import ConditionedLoRA, Merged, Selection
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ def stack_parameters(tensors: Sequence[torch.Tensor], shape: Sequence[int] | Non
 def summed_basis_biases(biases: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
     """Per-basis biases, (r*M, C_out) each with r rows per basis, stacked with each basis's rows summed:
     (L, M, C_out), what omega_i weighs (sum_i omega_i b_i is then one batched product)."""
-    return stack_parameters(biases).unflatten(1, (-1, rank)).sum(2)
+    return summed_rows(stack_parameters(biases), rank)
 
 
 class StackCache:
@@ -131,12 +132,25 @@ def grouped_omegas(
 OmegaGroups = list[tuple[list[int], torch.Tensor]]  # (indices of alike layers, their omegas (L, B, M))
 
 
-def omega_groups(layers: Sequence[ConditionedLoRA], cond: Conditions, kept: StackCache | None = None) -> OmegaGroups:
-    """The omegas of each group of alike layers, as one (L, B, M) tensor (see `grouped_omegas`)."""
+def alike_layers(layers: Sequence[ConditionedLoRA], kept: StackCache) -> list[list[int]]:
+    """The indices of each group of layers whose omegas are computed together (equal `group_key`)."""
+    return kept.groups("omega", lambda: [layer.group_key() for layer in layers])
+
+
+def omega_groups(
+    layers: Sequence[ConditionedLoRA],
+    cond: Conditions,
+    kept: StackCache | None = None,
+    alike: list[list[int]] | None = None,
+) -> OmegaGroups:
+    """The omegas of each group of alike layers (`alike_layers`, or `alike` if given), as one (L, B, M) tensor
+    (see `grouped_omegas`); none for a group that selects its bases for this call (`grouped_selections`)."""
     kept = kept if kept is not None else StackCache()
     groups = []
-    for indices in kept.groups("omega", lambda: [layer.group_key() for layer in layers]):
+    for indices in alike if alike is not None else alike_layers(layers, kept):
         members = [layers[i] for i in indices]
+        if _selecting(members, cond):
+            continue
         first, dtype = members[0], members[0].lora_down.dtype
         parts = [
             type(strategy).grouped([m.strategies[name] for m in members], cond, dtype, kept.stack).to(dtype)
@@ -147,8 +161,42 @@ def omega_groups(layers: Sequence[ConditionedLoRA], cond: Conditions, kept: Stac
             omega = omega * cond.lora_scale.to(dtype)[None, :, None]
         if first.scaling != 1.0:
             omega = omega * first.scaling
-        groups.append((indices, omega.to(_compute_dtype(first.lora_down))))  # cast once for the group
+        groups.append((indices, omega.to(compute_dtype(first.lora_down))))  # cast once for the group
     return groups
+
+
+def grouped_selections(
+    layers: Sequence[ConditionedLoRA],
+    cond: Conditions,
+    kept: StackCache | None = None,
+    alike: list[list[int]] | None = None,
+) -> list[Selection | None]:
+    """For a call whose layers select their bases (`ConditionedLoRA.selects`): each layer's selection (what
+    `layer.selection` gives), computed for alike layers at once. None for a layer in no group, or in a group
+    that computes omegas (`omega_groups`)."""
+    kept = kept if kept is not None else StackCache()
+    selections: list[Selection | None] = [None] * len(layers)
+    for indices in alike if alike is not None else alike_layers(layers, kept):
+        members = [layers[i] for i in indices]
+        if not _selecting(members, cond):
+            continue
+        first, parts = members[0], []
+        for name, strategy in first.strategies.items():
+            strategies = [m.strategies[name] for m in members]
+            if defines(type(strategy), "grouped_selected"):
+                parts.append(type(strategy).grouped_selected(strategies, cond, kept.stack))
+            else:  # (L, B, k) each, stacked from every layer's own
+                parts.append(tuple(map(torch.stack, zip(*(s.selected(cond) for s in strategies), strict=True))))
+        sizes = [strategy.num_bases for strategy in first.strategies.values()]
+        index, weight = combined_selection(parts, sizes, cond, first.scaling, compute_dtype(first.lora_down))
+        for i, layer_index, layer_weight in zip(indices, index.unbind(0), weight.unbind(0), strict=True):
+            selections[i] = (layer_index, layer_weight)
+    return selections
+
+
+def _selecting(members: list[ConditionedLoRA], cond: Conditions) -> bool:
+    """Whether alike layers select their bases for a call with `cond` (none of them holding a merged delta)."""
+    return members[0].selects(cond) and not any(m.merged for m in members)
 
 
 def split_omegas(groups: OmegaGroups, count: int) -> list[torch.Tensor | None]:
@@ -158,15 +206,6 @@ def split_omegas(groups: OmegaGroups, count: int) -> list[torch.Tensor | None]:
         for i, layer_omega in zip(indices, omega.unbind(0), strict=True):
             omegas[i] = layer_omega
     return omegas
-
-
-def _compute_dtype(parameter: torch.Tensor) -> torch.dtype:
-    """The dtype the layers compute in: autocast's where it is on for the parameter's device and casts the
-    parameter (a float32 one: the adapters' projections come out in autocast's dtype), else the parameter's."""
-    device = parameter.device.type
-    if parameter.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return parameter.dtype
 
 
 def grouped_bias_terms(

@@ -20,8 +20,10 @@ from torch import nn
 from condlora.conditions import Conditions
 from condlora.lora.grouping import (
     StackCache,
+    alike_layers,
     grouped_bias_terms,
     grouped_merged_weights,
+    grouped_selections,
     omega_groups,
     split_omegas,
 )
@@ -133,21 +135,25 @@ def conditioned_layers(model: nn.Module) -> Iterator[tuple[str, ConditionedLoRA]
 def bind_conditions(model: nn.Module | Sequence[ConditionedLoRA], cond: Conditions) -> Iterator[None]:
     """Give `cond` to every conditioned layer of `model` (or to the given layers) for the enclosed call(s),
     then take it back. The layers' omegas for `cond` are computed here, together (`grouped_omegas`), and so
-    are their per-basis bias terms (`grouped_bias_terms`) or, when the samples share one condition, their
-    merged weights (`grouped_merged_weights`): they hold for forward calls with the parameters, merges and
-    train / eval mode of the moment of binding (bind again after changing any of these). Given `LoRALayers`
-    inside `keep_stacks`, the parameters stacked to compute these are kept for the next binding."""
+    are their per-basis bias terms (`grouped_bias_terms`), the bases they select (`grouped_selections`) or,
+    when the samples share one condition, their merged weights (`grouped_merged_weights`): they hold for
+    forward calls with the parameters, merges and train / eval mode of the moment of binding (bind again after
+    changing any of these). Given `LoRALayers` inside `keep_stacks`, the parameters stacked to compute these
+    are kept for the next binding."""
     if isinstance(model, nn.Module):
         layers = [layer for _, layer in conditioned_layers(model)]
     else:
         layers = list(model)
     kept = model.stacks if isinstance(model, LoRALayers) else StackCache()  # a plain list keeps nothing
-    groups = omega_groups(layers, cond, kept)
+    alike = alike_layers(layers, kept)
+    groups = omega_groups(layers, cond, kept, alike)
     omegas = split_omegas(groups, len(layers))
     nothing = [None] * len(layers)
     terms = nothing if cond.shared else grouped_bias_terms(layers, omegas, kept)  # shared: merged in the bias
     merged = grouped_merged_weights(layers, omegas, kept, groups) if cond.shared else nothing
-    states = [(cond, CallValues(cond, *values)) for values in zip(omegas, terms, merged, strict=True)]
+    selections = nothing if cond.shared else grouped_selections(layers, cond, kept, alike)
+    values = zip(omegas, terms, merged, selections, strict=True)
+    states = [(cond, CallValues(cond, *call)) for call in values]
     with _bound_to(layers, states):
         yield
 

@@ -10,7 +10,9 @@ weighted delta is merged into the base weight once for that call instead. No pat
 host: which path runs depends only on Python-level facts. A per-sample call in eager mode runs this sum as
 one autograd function that accumulates the adapters' projection (and the per-basis bias term) into the base
 output, and their input gradient into the base's, in place (`condlora.lora.fused`): the same arithmetic,
-fewer bytes moved.
+fewer bytes moved. Where each sample's omega weighs only a few of the M bases by construction (ClassLoRA's
+one-hot rows, a fixed TimeLoRA table, one adapter per step), a per-sample call projects through those k
+alone: each sample's k adapters are gathered and applied by batched products, rank r*k instead of r*M.
 
 A network's layers usually carry alike strategies: binding the conditions of a call (`bind_conditions`)
 computes what alike layers need for it together (`condlora.lora.grouping`) and hands each layer its part
@@ -30,6 +32,7 @@ from condlora.lora.fused import conditioned_projection, project, weigh
 from condlora.ops import recorded
 
 Merged = tuple[torch.Tensor, torch.Tensor | None]  # a merged (weight (C_out, C_in), bias (C_out,) or None)
+Selection = tuple[torch.Tensor, torch.Tensor]  # the bases each sample's omega weighs: indices (B, k), weights (B, k)
 
 
 class CallValues(NamedTuple):
@@ -40,6 +43,7 @@ class CallValues(NamedTuple):
     omega: torch.Tensor | None = None  # (B, M), scaled
     bias: torch.Tensor | None = None  # per-basis bias term sum_i omega_i b_i (B, C_out)
     weight: Merged | None = None  # merged weight and bias, for a call whose samples share one condition
+    selection: Selection | None = None  # the bases each sample's omega weighs, for a call that selects them
 
 
 def scaled_up(up: torch.Tensor, omega: torch.Tensor, rank: int) -> torch.Tensor:
@@ -49,12 +53,35 @@ def scaled_up(up: torch.Tensor, omega: torch.Tensor, rank: int) -> torch.Tensor:
     return (split * omega.to(up.dtype)[..., None, :, None]).flatten(-2)
 
 
-def _has_grouped_form(strategy: type) -> bool:
-    """Whether the class that defines the strategy's `forward` also defines `grouped` (a subclass that
-    changes `forward` must not inherit a grouped form that computes its parent's omega). Strategies that
-    read the layer's input have no grouped form."""
+def compute_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in: autocast's where it is on for the parameter's device and casts the
+    parameter (a float32 one: the adapters' projections come out in autocast's dtype), else the parameter's."""
+    device = parameter.device.type
+    if parameter.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return parameter.dtype
+
+
+def combined_selection(
+    parts: list[Selection], sizes: list[int], cond: Conditions, scaling: float, dtype: torch.dtype
+) -> Selection:
+    """The selections of a layer's strategies, in order, as one among the layer's bases: each part's indices
+    offset by the bases of the strategies before it, the weights times the call's LoRA scale and the layer's
+    scaling, in `dtype`. Parts may have leading dimensions (L layers) before (B, k)."""
+    offsets = [sum(sizes[:i]) for i in range(len(parts))]
+    index = torch.cat([i + offset if offset else i for (i, _), offset in zip(parts, offsets, strict=True)], dim=-1)
+    weight = torch.cat([w.to(dtype) for _, w in parts], dim=-1)
+    if cond.lora_scale is not None:
+        weight = weight * cond.lora_scale.to(dtype)[:, None]
+    return index, weight * scaling if scaling != 1.0 else weight
+
+
+def defines(strategy: type, form: str) -> bool:
+    """Whether the class that defines the strategy's `forward` also defines `form` ("grouped", "selected"):
+    a subclass that changes `forward` must not inherit a form that computes its parent's omega. Strategies
+    that read the layer's input have no grouped form."""
     owner = next(cls for cls in strategy.__mro__ if "forward" in vars(cls))
-    return "grouped" in vars(owner)
+    return form in vars(owner)
 
 
 def layer_shape(base: nn.Module) -> tuple[int, int, int]:
@@ -141,7 +168,7 @@ class ConditionedLoRA(nn.Module):
         (a strategy has no grouped form, e.g. it reads the input)."""
         parts = []
         for name, strategy in self.strategies.items():
-            if not _has_grouped_form(type(strategy)):
+            if not defines(type(strategy), "grouped"):
                 return None
             parts.append((name, type(strategy), strategy.group_key()))
         down = self.lora_down
@@ -184,6 +211,10 @@ class ConditionedLoRA(nn.Module):
             parts = next(iter(self.strategies.values())).routed(cond, x)
             if parts is not None:
                 return self._forward_routed(x, *parts)
+        if call.selection is not None:
+            return self._forward_selected(x, *call.selection)
+        if call.omega is None and self.selects(cond):
+            return self._forward_selected(x, *self.selection(cond))
         omega = self.omega(cond, x) if call.omega is None else call.omega
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
@@ -191,15 +222,47 @@ class ConditionedLoRA(nn.Module):
             return self._forward_merged(x, omega[0])
         return self._forward_batched(x, omega, None if self.merged else call.bias)  # (a merged omega is a difference)
 
+    def selects(self, cond: Conditions) -> bool:
+        """Whether a call with `cond` projects through the bases each sample's omega weighs alone: every
+        strategy offers them (`selected`), they are at most half of the layer's bases, the samples do not
+        share one condition (that call merges) and the layer holds no merged delta."""
+        if cond.shared or self.merged:
+            return False
+        sizes = [s.selection_size(cond) if defines(type(s), "selected") else None for s in self.strategies.values()]
+        return None not in sizes and 2 * sum(sizes) <= self.num_bases
+
+    def selection(self, cond: Conditions) -> Selection:
+        """Each sample's selected bases among the layer's M (indices (B, k)) and their weights times the LoRA
+        scale (B, k), in the dtype the layer computes in (see `selects`)."""
+        parts = [strategy.selected(cond) for strategy in self.strategies.values()]
+        sizes = [strategy.num_bases for strategy in self.strategies.values()]
+        return combined_selection(parts, sizes, cond, self.scaling, compute_dtype(self.lora_down))
+
+    def _forward_selected(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The batched sum over each sample's selected bases alone: their adapters gathered per sample, (B, r*k,
+        C_in) down and (B, C_out, r*k) up projections (and (B, r*k, C_out) per-basis biases), weighed by the
+        selection's weights (B, k)."""
+        # One lookup in a table with a row per basis, [A_i | B_i^T (| P_i)] side by side ((M, r, C_in + C_out
+        # (+ C_out)), one concatenation): a lookup's gradient is one scatter-add, far quicker than indexing's.
+        parts = [self.lora_down, self.lora_up.mT, *([] if self.basis_bias is None else [self.basis_bias])]
+        table = torch.cat([part.view(self.num_bases, self.rank, -1) for part in parts], dim=-1)
+        rows = F.embedding(index, table.flatten(1)).view(*index.shape, self.rank, -1)  # (B, k, r, widths)
+        down, up, *basis = rows.flatten(1, 2).split([part.shape[1] for part in parts], dim=-1)  # views
+        return self._forward_batched(x, weight, None, (down, up.mT, basis[0] if basis else None))
+
+    def _plain_base(self) -> bool:
+        """Whether the base layer is exactly nn.Linear / Conv1d / Conv2d with no hooks: its forward is the
+        projection, and nothing else sees its output."""
+        base = self.base_layer
+        hooked = base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+        return type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not hooked
+
     def fuses(self) -> bool:
         """Whether a per-sample call runs as one autograd function with its sums done in place
         (`conditioned_projection`, which adds the per-basis bias term itself): in eager mode (a compiler fuses
         its own), without dropout, on a base layer of exactly a supported type with no hooks (whose forward
         is what the function computes)."""
-        base = self.base_layer
-        hooked = base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-        plain = type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not hooked
-        return plain and not (self.training and self.dropout) and not recorded()
+        return self._plain_base() and not (self.training and self.dropout) and not recorded()
 
     def _routable(self, cond: Conditions) -> bool:
         """Whether a router's split path applies: one strategy offering `routed`, one LoRA scale for the call,
@@ -226,32 +289,42 @@ class ConditionedLoRA(nn.Module):
         shape[self.channel_dim] = merged.shape[0]
         return merged.reshape(shape)
 
-    def _forward_batched(self, x: torch.Tensor, omega: torch.Tensor, bias_term: torch.Tensor | None) -> torch.Tensor:
+    def _forward_batched(
+        self,
+        x: torch.Tensor,
+        omega: torch.Tensor,
+        bias_term: torch.Tensor | None,
+        adapters: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """base(x) + B (omega_r * A x) (+ the per-basis bias term, `bias_term` if computed at binding) with the
+        layer's adapters, or with `adapters` (A, B, P) gathered per sample for a selection."""
+        down, up, basis = adapters if adapters is not None else (self.lora_down, self.lora_up, self.basis_bias)
         if self.channel_dim == -1:  # F.linear copies a strided input (transposed tokens): copy it once, for both
             x = x.contiguous()
         if omega.dim() == 2 and self.fuses():  # the same sum, its additions done in place
-            base, down, up = self.base_layer, self.lora_down, self.lora_up
-            return conditioned_projection(
-                x, base.weight, base.bias, down, up, omega, self.rank, self.basis_bias, self.channel_dim
-            )
+            weight, bias = self.base_layer.weight, self.base_layer.bias
+            return conditioned_projection(x, weight, bias, down, up, omega, self.rank, basis, self.channel_dim)
         dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
-        h = self._project(dropped, self.lora_down)  # (B, ..., r*M, ...)
-        out = self._add_projected(self.base_layer(x), self._weigh(h, omega), self.lora_up)
+        h = self._project(dropped, down)  # (B, ..., r*M, ...)
+        out = self._add_projected(self.base_layer(x), self._weigh(h, omega), up)
         if bias_term is not None:  # computed at binding
             out = out + self._broadcast(bias_term.to(out.dtype), x)
-        elif self.basis_bias is not None:
+        elif basis is not None:
             scale = omega.repeat_interleave(self.rank, dim=1 if omega.dim() == 2 else self.channel_dim)
-            if scale.dim() == 2:
-                out = out + self._broadcast(scale @ self.basis_bias, x)  # (B, C_out) per sample
+            if scale.dim() == 2:  # (B, C_out) per sample
+                out = out + self._broadcast((scale.unsqueeze(-2) @ basis.to(scale.dtype)).squeeze(-2), x)
             else:
-                per_position = scale.movedim(self.channel_dim, -1) @ self.basis_bias
+                per_position = scale.movedim(self.channel_dim, -1) @ basis
                 out = out + per_position.movedim(-1, self.channel_dim)
         return out
 
     def _add_projected(self, out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """out + h projected by weight; channels last, one addmm does both."""
+        """out + h projected by weight (or by each sample's, (B, C_out, K)); channels last, one product does both."""
         if self.channel_dim != -1:
             return out + self._project(h, weight)
+        if weight.dim() == 3:
+            rows = (out.shape[0], -1)
+            return torch.baddbmm(out.view(*rows, out.shape[-1]), h.view(*rows, h.shape[-1]), weight.mT).view(out.shape)
         return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), weight.mT).view(out.shape)
 
     def _weigh(self, h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,13 @@ one per layer, in a few operations for the whole network instead of a few per la
 `condlora.lora.grouping`); it stacks their parameters with `stack` (which may keep the stack for the next
 call, so it is given parameters and buffers only). Where the network's step is bound by launching kernels
 (a GPU), this is most of what the conditioning costs.
+
+A strategy whose omega rows are sparse by construction (ClassLoRA's one-hot rows, a fixed TimeLoRA table
+that interpolates between two bases, one adapter per step, a fostered TimeStep-Master expert) may also
+offer `selection_size(cond)` and `selected(cond)`: the at most k bases each sample's omega weighs, as
+indices and weights (B, k), k known before any tensor is read, so that a layer projects through those k
+alone (`ConditionedLoRA`), r*k channels per sample instead of r*M; and `grouped_selected` for L alike
+strategies at once.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ def _require(value: torch.Tensor | None, name: str, strategy: str) -> torch.Tens
     if value is None:
         raise ValueError(f"{strategy} needs Conditions.{name}, which this call did not provide")
     return value
+
+
+def sparse_rows(table: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zero entries of each row of a (T, M) table, which has at most k per row, as column indices and
+    values, (T, k) each; a row with fewer is padded with zero-weight columns."""
+    index = torch.argsort(table.eq(0).to(torch.int8), dim=1, stable=True)[:, :k]  # non-zero columns first
+    return index, table.gather(1, index)
 
 
 def basis_timesteps(num_timesteps: int, num_bases: int) -> torch.Tensor:
@@ -90,7 +104,7 @@ class TimeTable(nn.Module):
 
     def __init__(self, num_timesteps: int, num_bases: int, trainable: bool = False, init: OmegaInit = "linear"):
         super().__init__()
-        self.num_timesteps, self.num_bases = num_timesteps, num_bases
+        self.num_timesteps, self.num_bases, self.trainable = num_timesteps, num_bases, trainable
         if init == "linear":
             table = linear_interpolation_table(num_timesteps, num_bases)
         elif init == "onehot":
@@ -103,12 +117,42 @@ class TimeTable(nn.Module):
             self.table = nn.Parameter(table)
         else:
             self.register_buffer("table", table)
+            self._index_rows({"linear": min(2, num_bases), "onehot": 1}.get(init, num_bases))
+
+    def _index_rows(self, k: int) -> None:
+        """A fixed table's non-zeros, k per row at most (`sparse_rows`), as buffers derived from it: at
+        construction (k known from the initialisation) and on loading (k counted), so a table changed in place
+        otherwise must be followed by this."""
+        index, weight = sparse_rows(self.table, k)
+        self.register_buffer("row_index", index, persistent=False)
+        self.register_buffer("row_weight", weight, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.trainable and self.table.device.type != "meta":  # (loading reads the values anyway)
+            with torch.no_grad():
+                self._index_rows(max(int(self.table.ne(0).sum(1).max()), 1) if self.table.numel() else 1)
 
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.table[_require(cond.step, "step", "TimeLoRA")]  # (B, m+1)
 
+    def selection_size(self, cond: Conditions) -> int | None:
+        """A fixed table's non-zeros per row: 2 interpolating linearly, 1 one-hot; None for a trained one."""
+        return None if self.trainable else self.row_index.shape[1]
+
+    def selected(self, cond: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = _require(cond.step, "step", "TimeLoRA")
+        return self.row_index[steps], self.row_weight[steps]  # (B, k) each
+
     def group_key(self) -> tuple:
-        return self.num_timesteps, self.num_bases
+        return self.num_timesteps, self.num_bases, None if self.trainable else self.row_index.shape[1]
+
+    @staticmethod
+    def grouped_selected(tables: list[TimeTable], cond: Conditions, stack: Stack = torch.stack):
+        steps = _require(cond.step, "step", "TimeLoRA")
+        if len(tables) * tables[0].row_index.numel() <= STACK_LIMIT:
+            return stack([t.row_index for t in tables])[:, steps], stack([t.row_weight for t in tables])[:, steps]
+        return torch.stack([t.row_index[steps] for t in tables]), torch.stack([t.row_weight[steps] for t in tables])
 
     @staticmethod
     def grouped(tables: list[TimeTable], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
@@ -140,8 +184,23 @@ class ClassSelect(nn.Module):
     def forward(self, cond: Conditions, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.class_weights(cond, x.dtype if x is not None else torch.float32)
 
+    def selection_size(self, cond: Conditions) -> int | None:
+        """One class per sample from labels; None from a class vector (any mixture)."""
+        return 1 if cond.class_vector is None else None
+
+    def selected(self, cond: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The label's adapter with weight 1; a label outside [0, C) (NULL_LABEL) weighs 0, as its zero row."""
+        labels = _require(cond.labels, "labels", "ClassLoRA")[:, None]
+        inside = (labels >= 0) & (labels < self.num_classes)
+        return labels.clamp(0, self.num_classes - 1), inside.float()
+
     def group_key(self) -> tuple:
         return (self.num_classes,)
+
+    @staticmethod
+    def grouped_selected(selects: list[ClassSelect], cond: Conditions, stack: Stack = torch.stack):
+        index, weight = selects[0].selected(cond)  # the same for every layer
+        return index.expand(len(selects), *index.shape), weight.expand(len(selects), *weight.shape)
 
     @staticmethod
     def grouped(selects: list[ClassSelect], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
@@ -334,6 +393,14 @@ class TimestepExperts(nn.Module):
         per_position = torch.einsum("bpk,bkm->bpm", flat, context) + omega[:, None, :]
         per_position = per_position.reshape(*g.shape[:-1], self.num_bases)
         return per_position.movedim(-1, self.channel_dim) if self.channel_dim != -1 else per_position
+
+    def selection_size(self, cond: Conditions) -> int | None:
+        """One expert per sample while fostering; None assembled (a mixture)."""
+        return 1 if self.stage == "foster" else None
+
+    def selected(self, cond: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self._foster_experts(_require(cond.step, "step", "TimeStep Master"))[:, None]
+        return experts, torch.ones(experts.shape, device=experts.device)
 
     def routed(self, cond: Conditions, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The assembled mixture at one step shared by the whole batch, in parts a layer can compute cheaply:
