@@ -176,6 +176,8 @@ def test_selected_bases_count_and_what_keeps_the_dense_path():
     """Selection takes at most half of the bases: a fixed linear table's 2 of 11 and a class's 1 of 10 select,
     a trained table, a class vector, a shared call or a merged layer do not."""
     cond = _conditions(4)
+    index, weight = ClassSelect(10).selected(Conditions(labels=torch.tensor([-1, 3, 12, 9])))
+    assert index.flatten().tolist() == [0, 3, 9, 9] and weight.flatten().tolist() == [0, 1, 0, 1]  # as its rows
     assert TimeTable(T, 11).selected(cond)[0].shape == (4, 2)
     assert TimeTable(T, T, init="onehot").selected(cond)[0].shape == (4, 1)
     layer = ConditionedLoRA(_base("linear"), {"time": TimeTable(T, 11), "class": ClassSelect(10)}, rank=2)

@@ -191,8 +191,8 @@ class ClassSelect(nn.Module):
     def selected(self, cond: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
         """The label's adapter with weight 1; a label outside [0, C) (NULL_LABEL) weighs 0, as its zero row."""
         labels = _require(cond.labels, "labels", "ClassLoRA")[:, None]
-        inside = (labels >= 0) & (labels < self.num_classes)
-        return labels.clamp(0, self.num_classes - 1), inside.float()
+        index = labels.clamp(0, self.num_classes - 1)  # a label inside [0, C) is its own index
+        return index, (index == labels).float()
 
     def group_key(self) -> tuple:
         return (self.num_classes,)
