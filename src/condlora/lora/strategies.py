@@ -150,16 +150,20 @@ class TimeTable(nn.Module):
     @staticmethod
     def grouped_selected(tables: list[TimeTable], cond: Conditions, stack: Stack = torch.stack):
         steps = _require(cond.step, "step", "TimeLoRA")
-        if len(tables) * tables[0].row_index.numel() <= STACK_LIMIT:
-            return stack([t.row_index for t in tables])[:, steps], stack([t.row_weight for t in tables])[:, steps]
-        return torch.stack([t.row_index[steps] for t in tables]), torch.stack([t.row_weight[steps] for t in tables])
+        indices, weights = [t.row_index for t in tables], [t.row_weight for t in tables]
+        return _rows_at(indices, steps, stack), _rows_at(weights, steps, stack)
 
     @staticmethod
     def grouped(tables: list[TimeTable], cond: Conditions, dtype: torch.dtype, stack: Stack = torch.stack):
-        steps = _require(cond.step, "step", "TimeLoRA")
-        if len(tables) * tables[0].table.numel() <= STACK_LIMIT:  # one gather from the stacked tables
-            return stack([t.table for t in tables])[:, steps]  # (L, B, m+1)
-        return torch.stack([t.table[steps] for t in tables])  # large (e.g. one-hot T x T) tables: gather each
+        return _rows_at([t.table for t in tables], _require(cond.step, "step", "TimeLoRA"), stack)  # (L, B, m+1)
+
+
+def _rows_at(tables: list[torch.Tensor], steps: torch.Tensor, stack: Stack) -> torch.Tensor:
+    """Rows `steps` of each of L alike (T, ...) tables: (L, B, ...), one gather from the stacked tables, or for
+    large ones (e.g. one-hot T x T) a gather from each."""
+    if len(tables) * tables[0].numel() <= STACK_LIMIT:
+        return stack(tables)[:, steps]
+    return torch.stack([table[steps] for table in tables])
 
 
 class ClassSelect(nn.Module):
