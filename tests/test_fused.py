@@ -54,13 +54,13 @@ def _reference(x, weight, bias, down, up, omega, basis_bias, channel_dim):
     return out
 
 
+def _fused(x, weight, bias, down, up, omega, basis_bias, channel_dim):
+    return conditioned_projection(x, weight, bias, down, up, omega, RANK, basis_bias, channel_dim)
+
+
 def _grads(fn, operands, needed, channel_dim):
     leaves = {name: None if t is None else t.clone().requires_grad_(name in needed) for name, t in operands.items()}
-    x, weight, bias, down, up, omega, basis_bias = (leaves[name] for name in NAMES)
-    if fn is conditioned_projection:
-        out = fn(x, weight, bias, down, up, omega, RANK, basis_bias, channel_dim)
-    else:
-        out = fn(x, weight, bias, down, up, omega, basis_bias, channel_dim)
+    out = fn(*(leaves[name] for name in NAMES), channel_dim)
     out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
     return out.detach(), {name: None if t is None else t.grad for name, t in leaves.items()}
 
@@ -89,7 +89,7 @@ def _in_layout(operands: dict, layout: str, basis_bias: bool) -> tuple[dict, int
 )
 def test_values_and_gradients_are_those_of_the_plain_expression(layout, needed, basis_bias):
     operands, channel_dim = _in_layout(_operands(), layout, basis_bias)
-    out, grads = _grads(conditioned_projection, operands, needed, channel_dim)
+    out, grads = _grads(_fused, operands, needed, channel_dim)
     expected, expected_grads = _grads(_reference, operands, needed, channel_dim)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     for name in NAMES:
@@ -99,35 +99,48 @@ def test_values_and_gradients_are_those_of_the_plain_expression(layout, needed, 
             assert grads[name] is None
 
 
+INDEX = torch.tensor([[0, 2], [3, 3], [2, 0], [3, 2], [0, 2]])  # k = 2 bases per sample: 3 twice in one, 1 unused
+
+
+def _selected_operands(operands: dict) -> dict:
+    """The operands with omega the weights (N, k) of each sample's bases INDEX."""
+    g = torch.Generator().manual_seed(1)
+    return {**operands, "omega": torch.randn(*INDEX.shape, generator=g, dtype=operands["x"].dtype)}
+
+
+def _selected(x, weight, bias, down, up, omega, basis_bias, channel_dim):
+    return conditioned_projection(x, weight, bias, down, up, omega, RANK, basis_bias, channel_dim, INDEX)
+
+
+def _selected_reference(x, weight, bias, down, up, omega, basis_bias, channel_dim):
+    """The plain expression sample by sample, over that sample's adapters picked out of the stacked ones row
+    by row (the r rows of A and P, the r columns of B, of each of its bases in turn)."""
+    outs = []
+    for n in range(x.shape[0]):
+        rows = [int(i) * RANK + j for i in INDEX[n] for j in range(RANK)]
+        basis = None if basis_bias is None else basis_bias[rows]
+        sample = x[n : n + 1], weight, bias, down[rows], up[:, rows], omega[n : n + 1], basis
+        outs.append(_reference(*sample, channel_dim))
+    return torch.cat(outs)
+
+
 @pytest.mark.parametrize("basis_bias", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_per_sample_adapters_give_each_samples_plain_expression(layout, basis_bias):
-    """Adapters given per sample (a selection's gathered bases: k = 2 of them here): values and gradients of
-    every operand are those of the plain expression evaluated sample by sample with that sample's adapters."""
+def test_selected_bases_give_each_samples_plain_expression_over_its_own(layout, basis_bias):
+    """With the indices of each sample's bases (a basis may come twice, as interpolation weights may name
+    it): values and gradients of every operand are those of the plain expression evaluated sample by sample
+    with that sample's adapters; the stacked adapters' gradients sum over the samples that used each basis,
+    and are zero elsewhere."""
     operands, channel_dim = _in_layout(_operands(), layout, basis_bias)
-    g = torch.Generator().manual_seed(1)
-    k = 2
-    each = {
-        "down": torch.randn(BATCH, RANK * k, C_IN, generator=g, dtype=torch.float64),
-        "up": torch.randn(BATCH, C_OUT, RANK * k, generator=g, dtype=torch.float64),
-        "omega": torch.randn(BATCH, k, generator=g, dtype=torch.float64),
-        "basis_bias": torch.randn(BATCH, RANK * k, C_OUT, generator=g, dtype=torch.float64) if basis_bias else None,
-    }
-    operands = {**operands, **each}
-
-    def per_sample(x, weight, bias, down, up, omega, basis_bias, channel_dim):
-        return torch.cat([
-            _reference(x[n : n + 1], weight, bias, down[n], up[n], omega[n : n + 1],
-                       None if basis_bias is None else basis_bias[n], channel_dim)
-            for n in range(BATCH)
-        ])  # fmt: skip
-
-    out, grads = _grads(conditioned_projection, operands, NAMES, channel_dim)
-    expected, expected_grads = _grads(per_sample, operands, NAMES, channel_dim)
+    operands = _selected_operands(operands)
+    out, grads = _grads(_selected, operands, NAMES, channel_dim)
+    expected, expected_grads = _grads(_selected_reference, operands, NAMES, channel_dim)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     for name in NAMES:
         if operands[name] is not None:
             torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-12, msg=name)
+    unused = [i * RANK + j for i in range(BASES) if i not in INDEX for j in range(RANK)]
+    assert unused and not grads["down"][unused].any() and not grads["up"][:, unused].any()
 
 
 class _Recorded(TorchDispatchMode):
@@ -166,7 +179,7 @@ def test_bf16_autocast_casts_every_operand_once_and_agrees_with_float32(layout):
     operands, channel_dim = _in_layout(_operands(torch.float32), layout, basis_bias=True)
     expected, expected_grads = _grads(_reference, operands, NAMES, channel_dim)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, grads = _grads(conditioned_projection, operands, NAMES, channel_dim)
+        out, grads = _grads(_fused, operands, NAMES, channel_dim)
     assert out.dtype == torch.bfloat16 and all(grads[name].dtype == torch.float32 for name in NAMES)
     scale = expected.abs().max()
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.03 * scale)
@@ -272,19 +285,20 @@ def test_a_gradient_in_any_layout_is_taken_as_it_comes():
 
 @pytest.mark.parametrize("basis_bias", [False, True])
 @pytest.mark.parametrize("layout", ["conv2d", "channels_last", "linear"])
-def test_gradients_of_gradients_are_those_of_the_plain_expression(layout, basis_bias):
+@pytest.mark.parametrize("selected", [False, True])
+def test_gradients_of_gradients_are_those_of_the_plain_expression(layout, basis_bias, selected):
     """With create_graph (a gradient penalty, a Hessian-vector product) the gradients carry their own graph,
-    and differentiating them again gives what it gives for the plain expression, for every operand."""
+    and differentiating them again gives what it gives for the plain expression, for every operand, over
+    every basis or each sample's selected ones."""
     operands, channel_dim = _in_layout(_operands(), layout, basis_bias)
+    functions = (_fused, _reference)
+    if selected:
+        operands, functions = _selected_operands(operands), (_selected, _selected_reference)
     names = [name for name in NAMES if operands[name] is not None]
     second = []
-    for fn in (conditioned_projection, _reference):
+    for fn in functions:
         leaves = {name: None if t is None else t.clone().requires_grad_() for name, t in operands.items()}
-        args = [leaves[name] for name in NAMES]
-        if fn is conditioned_projection:
-            out = fn(*args[:6], RANK, args[6], channel_dim)
-        else:
-            out = fn(*args, channel_dim)
+        out = fn(*(leaves[name] for name in NAMES), channel_dim)
         grads = torch.autograd.grad(out.square().sum(), [leaves[name] for name in names], create_graph=True)
         penalty = sum((g * torch.linspace(-1, 1, g.numel(), dtype=g.dtype).view(g.shape)).square().sum() for g in grads)
         second.append(torch.autograd.grad(penalty, [leaves[name] for name in names]))

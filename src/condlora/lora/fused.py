@@ -6,9 +6,10 @@ optionally, UC-LoRA's per-basis bias P (r*M, C_out),
 
     out = W x + b + B (omega_r * (A x)) + P^T omega_r
 
-A, B and P may also be given per sample, (N, r*k, C_in), (N, C_out, r*k) and (N, r*k, C_out), with omega
-(N, k): the k bases each sample's omega weighs, gathered (see `ConditionedLoRA.selects`); their products
-are then batched over the samples.
+Given the indices (N, k) of the k bases each sample's omega weighs (see `ConditionedLoRA.selects`), with
+omega (N, k) their weights, each sample projects through its own k adapters alone: they are gathered inside
+(`gather_adapters`), their products batched over the samples, and their gradients summed back into A, B
+and P's rows by one scatter-add each, with no autograd node for the gathering.
 
 Autograd over these operations writes B's projection of the adapters' activations, then reads it back with
 W x to sum them (and once more to add the per-basis bias term), and in the backward writes A's gradient with
@@ -32,15 +33,17 @@ def conditioned_projection(
     x: torch.Tensor,  # (N, C_in, *spatial) for a convolution, (N, ..., C_in) for a linear layer
     weight: torch.Tensor,  # W: (C_out, C_in), or its 1x1 kernel
     bias: torch.Tensor | None,  # b: (C_out,)
-    down: torch.Tensor,  # A: (r*M, C_in), or (N, r*k, C_in) per sample
-    up: torch.Tensor,  # B: (C_out, r*M), or (N, C_out, r*k)
-    omega: torch.Tensor,  # (N, M) or (N, k), scaled
+    down: torch.Tensor,  # A: (r*M, C_in)
+    up: torch.Tensor,  # B: (C_out, r*M)
+    omega: torch.Tensor,  # (N, M), or (N, k) with `index`; scaled
     rank: int,  # r
-    basis_bias: torch.Tensor | None = None,  # P: (r*M, C_out), or (N, r*k, C_out)
+    basis_bias: torch.Tensor | None = None,  # P: (r*M, C_out)
     channel_dim: int = 1,  # 1: a convolution's channels; -1: a linear layer's
+    index: torch.Tensor | None = None,  # (N, k): the bases omega weighs, for each sample
 ) -> torch.Tensor:
     """W x + b + B (omega_r * (A x)) + P^T omega_r, in x's layout, in autocast's dtype where autocast is on
-    (every operand cast once, as autocast would for each product)."""
+    (every operand cast once, as autocast would for each product); with `index`, over each sample's bases
+    index[n] alone, weighed by omega[n]."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         dtype = torch.get_autocast_dtype(device)
@@ -48,13 +51,17 @@ def conditioned_projection(
         bias, basis_bias = (None if t is None else t.to(dtype) for t in (bias, basis_bias))
     dim = channel_dim % x.dim()
     return _ConditionedProjection.apply(
-        x, weight.reshape(up.shape[-2], -1), bias, down, up, omega, basis_bias, rank, dim
+        x, weight.reshape(up.shape[0], -1), bias, down, up, omega, basis_bias, rank, dim, index
     )
 
 
 class _ConditionedProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, omega, basis_bias, rank, dim):
+    def forward(ctx, x, weight, bias, down, up, omega, basis_bias, rank, dim, index):
+        given = (x, weight, bias, down, up, omega, basis_bias)  # what _plain_vjp differentiates
+        ctx.rank, ctx.dim, ctx.bases = rank, dim, down.shape[0] // rank
+        if index is not None:  # each sample's adapters (N, r*k, C_in), (N, C_out, r*k), (N, r*k, C_out)
+            down, up, basis_bias = gather_adapters(down, up, basis_bias, index, rank)
         h = project(x, down, dim=dim)  # A x
         extended = up
         if basis_bias is None:
@@ -66,15 +73,15 @@ class _ConditionedProjection(torch.autograd.Function):
             extended = torch.cat([up, summed_rows(basis_bias, rank).mT], dim=-1)
         out = project(x, weight, bias, dim)
         _accumulate(out, extended, weighed, dim)  # += B (omega_r * A x) (+ P^T omega_r)
-        ctx.save_for_backward(x, weight, bias, down, up, omega, basis_bias, extended, h, weighed)
-        ctx.rank, ctx.dim = rank, dim
+        ctx.save_for_backward(*given, down, extended, h, weighed, index)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, down, _, omega, _, up, h, weighed = ctx.saved_tensors  # up: extended by the bias rows
+        # A and B as the products used them: each sample's own where an index was given, B with the bias rows
+        x, weight, bias, _, _, omega, _, down, up, h, weighed, index = ctx.saved_tensors
         if torch.is_grad_enabled():  # a graph of the gradients is asked for (create_graph): see _plain_vjp
-            return (*_plain_vjp(ctx, grad), None, None)
+            return (*_plain_vjp(ctx, grad, index), None, None, None)
         rank, dim, width = ctx.rank, ctx.dim, down.shape[-2]
         need_x, need_weight, need_bias, need_down, need_up, need_omega, need_basis = ctx.needs_input_grad[:7]
         need_h = need_x or need_down or need_omega
@@ -83,9 +90,14 @@ class _ConditionedProjection(torch.autograd.Function):
         grad_x, grad_weight, grad_bias = _grads(grad, x, weight, (need_x, need_weight, need_bias), dim, bias_shape)
         grad_down = grad_omega = grad_basis = None
         if need_basis:  # each basis's summed rows: the same gradient for each of its r rows
-            grad_basis = grad_up[..., width:].mT.repeat_interleave(rank, dim=-2)
+            grad_basis = grad_up[..., width:].mT
+            if index is not None:
+                grad_basis = _scattered(grad_basis, index, ctx.bases)
+            grad_basis = grad_basis.repeat_interleave(rank, dim=-2)
         if grad_up is not None:
             grad_up = grad_up[..., :width]
+            if index is not None:
+                grad_up = _scattered(grad_up.mT, index, ctx.bases).mT
         if need_h:
             grad_weighed, grad_constant = grad_weighed.split([width, grad_weighed.shape[dim] - width], dim)
         if need_omega:  # per basis: summed over its r channels and every position (and its bias channel's)
@@ -97,25 +109,54 @@ class _ConditionedProjection(torch.autograd.Function):
             grad_h = weigh(grad_weighed, omega, rank, dim)
             if need_down:
                 grad_down = _grads(grad_h, x, down, (False, True, False), dim)[1]
+                if index is not None:
+                    grad_down = _scattered(grad_down, index, ctx.bases)
             if need_x:
                 _accumulate(grad_x, down.mT, grad_h, dim)  # += A^T grad_h
-        return grad_x, grad_weight, grad_bias, grad_down, grad_up, grad_omega, grad_basis, None, None
+        return grad_x, grad_weight, grad_bias, grad_down, grad_up, grad_omega, grad_basis, None, None, None
 
 
-def _plain_vjp(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+def _plain_vjp(ctx, grad: torch.Tensor, index: torch.Tensor | None) -> list[torch.Tensor | None]:
     """The gradients of the plain expression, through autograd with a graph: the function's own backward uses
     activations saved without one, so gradients of its gradients (a gradient penalty, a Hessian-vector
     product) would miss their dependence on the inputs. Recomputes the forward, only when asked."""
-    x, weight, bias, down, up, omega, basis_bias = ctx.saved_tensors[:7]
-    inputs = [x, weight, bias, down, up, omega, basis_bias]
+    inputs = list(ctx.saved_tensors[:7])
     needed = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False) if need]
+    x, weight, bias, down, up, omega, basis_bias = inputs
     rank, dim = ctx.rank, ctx.dim
+    if index is not None:
+        down, up, basis_bias = gather_adapters(down, up, basis_bias, index, rank)
     out = project(x, weight, bias, dim) + project(weigh(project(x, down, dim=dim), omega, rank, dim), up, dim=dim)
     if basis_bias is not None:
         term = (omega.unsqueeze(-2) @ summed_rows(basis_bias, rank)).squeeze(-2)  # (N, C_out)
         out = out + _along(term, dim, x.dim())
     grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True))
     return [next(grads) if need else None for need in ctx.needs_input_grad[:7]]
+
+
+def gather_adapters(
+    down: torch.Tensor, up: torch.Tensor, basis_bias: torch.Tensor | None, index: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each sample's adapters among the stacked A (r*M, C_in), B (C_out, r*M) and P (r*M, C_out): those of its
+    bases index[n] (N, k), as (N, r*k, C_in), (N, C_out, r*k) (a strided view) and (N, r*k, C_out). One row
+    lookup each over the bases (r rows of A and P, r columns of B per basis); differentiable (its gradient
+    is one scatter-add)."""
+    batch, flat = index.shape[0], index.reshape(-1)
+
+    def rows(stacked: torch.Tensor) -> torch.Tensor:  # (r*M, C), r rows per basis -> (N, r*k, C)
+        return stacked.view(-1, rank * stacked.shape[1]).index_select(0, flat).view(batch, -1, stacked.shape[1])
+
+    columns = up.view(up.shape[0], -1, rank).index_select(1, flat)  # (C_out, N*k, r)
+    up = columns.view(up.shape[0], batch, -1).transpose(0, 1)
+    return rows(down), up, None if basis_bias is None else rows(basis_bias)
+
+
+def _scattered(per_sample: torch.Tensor, index: torch.Tensor, bases: int) -> torch.Tensor:
+    """The gradient of the rows `gather_adapters` took: each sample's rows (N, k*s, C) (s per basis) summed into
+    their bases' rows (bases*s, C), in one scatter-add (the gradient of a lookup, deterministic on a GPU)."""
+    rows = per_sample.reshape(*index.shape, -1)  # (N, k, s*C)
+    summed = torch.ops.aten.embedding_dense_backward(rows, index, bases, -1, False)  # (M, s*C)
+    return summed.view(-1, per_sample.shape[-1])
 
 
 def weigh(

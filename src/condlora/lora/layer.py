@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.conditions import Conditions
-from condlora.lora.fused import conditioned_projection, project, weigh
+from condlora.lora.fused import conditioned_projection, gather_adapters, project, weigh
 from condlora.ops import recorded
 
 Merged = tuple[torch.Tensor, torch.Tensor | None]  # a merged (weight (C_out, C_in), bias (C_out,) or None)
@@ -211,10 +211,9 @@ class ConditionedLoRA(nn.Module):
             parts = next(iter(self.strategies.values())).routed(cond, x)
             if parts is not None:
                 return self._forward_routed(x, *parts)
-        if call.selection is not None:
-            return self._forward_selected(x, *call.selection)
-        if call.omega is None and self.selects(cond):
-            return self._forward_selected(x, *self.selection(cond))
+        if call.selection is not None or (call.omega is None and self.selects(cond)):  # each sample's bases alone
+            index, weight = call.selection if call.selection is not None else self.selection(cond)
+            return self._forward_batched(x, weight, None, index)
         omega = self.omega(cond, x) if call.omega is None else call.omega
         if self.merged:  # the weight already holds the merged delta: add only what this call's omega differs by
             omega = omega - self._broadcast_merged(omega)
@@ -237,18 +236,6 @@ class ConditionedLoRA(nn.Module):
         parts = [strategy.selected(cond) for strategy in self.strategies.values()]
         sizes = [strategy.num_bases for strategy in self.strategies.values()]
         return combined_selection(parts, sizes, cond, self.scaling, compute_dtype(self.lora_down))
-
-    def _forward_selected(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The batched sum over each sample's selected bases alone: their adapters gathered per sample, (B, r*k,
-        C_in) down and (B, C_out, r*k) up projections (and (B, r*k, C_out) per-basis biases), weighed by the
-        selection's weights (B, k)."""
-        # One lookup in a table with a row per basis, [A_i | B_i^T (| P_i)] side by side ((M, r, C_in + C_out
-        # (+ C_out)), one concatenation): a lookup's gradient is one scatter-add, far quicker than indexing's.
-        parts = [self.lora_down, self.lora_up.mT, *([] if self.basis_bias is None else [self.basis_bias])]
-        table = torch.cat([part.view(self.num_bases, self.rank, -1) for part in parts], dim=-1)
-        rows = F.embedding(index, table.flatten(1)).view(*index.shape, self.rank, -1)  # (B, k, r, widths)
-        down, up, *basis = rows.flatten(1, 2).split([part.shape[1] for part in parts], dim=-1)  # views
-        return self._forward_batched(x, weight, None, (down, up.mT, basis[0] if basis else None))
 
     def _plain_base(self) -> bool:
         """Whether the base layer is exactly nn.Linear / Conv1d / Conv2d with no hooks: its forward is the
@@ -290,20 +277,18 @@ class ConditionedLoRA(nn.Module):
         return merged.reshape(shape)
 
     def _forward_batched(
-        self,
-        x: torch.Tensor,
-        omega: torch.Tensor,
-        bias_term: torch.Tensor | None,
-        adapters: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        self, x: torch.Tensor, omega: torch.Tensor, bias_term: torch.Tensor | None, index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """base(x) + B (omega_r * A x) (+ the per-basis bias term, `bias_term` if computed at binding) with the
-        layer's adapters, or with `adapters` (A, B, P) gathered per sample for a selection."""
-        down, up, basis = adapters if adapters is not None else (self.lora_down, self.lora_up, self.basis_bias)
+        layer's adapters, or with those of each sample's bases `index` (B, k), weighed by omega (B, k)."""
+        down, up, basis = self.lora_down, self.lora_up, self.basis_bias
         if self.channel_dim == -1:  # F.linear copies a strided input (transposed tokens): copy it once, for both
             x = x.contiguous()
         if omega.dim() == 2 and self.fuses():  # the same sum, its additions done in place
             weight, bias = self.base_layer.weight, self.base_layer.bias
-            return conditioned_projection(x, weight, bias, down, up, omega, self.rank, basis, self.channel_dim)
+            return conditioned_projection(x, weight, bias, down, up, omega, self.rank, basis, self.channel_dim, index)
+        if index is not None:
+            down, up, basis = gather_adapters(down, up, basis, index, self.rank)
         dropped = F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
         h = self._project(dropped, down)  # (B, ..., r*M, ...)
         out = self._add_projected(self.base_layer(x), self._weigh(h, omega), up)
