@@ -237,19 +237,15 @@ class ConditionedLoRA(nn.Module):
         sizes = [strategy.num_bases for strategy in self.strategies.values()]
         return combined_selection(parts, sizes, cond, self.scaling, compute_dtype(self.lora_down))
 
-    def _plain_base(self) -> bool:
-        """Whether the base layer is exactly nn.Linear / Conv1d / Conv2d with no hooks: its forward is the
-        projection, and nothing else sees its output."""
-        base = self.base_layer
-        hooked = base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-        return type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not hooked
-
     def fuses(self) -> bool:
         """Whether a per-sample call runs as one autograd function with its sums done in place
         (`conditioned_projection`, which adds the per-basis bias term itself): in eager mode (a compiler fuses
         its own), without dropout, on a base layer of exactly a supported type with no hooks (whose forward
         is what the function computes)."""
-        return self._plain_base() and not (self.training and self.dropout) and not recorded()
+        base = self.base_layer
+        hooked = base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+        plain = type(base) in (nn.Linear, nn.Conv1d, nn.Conv2d) and not hooked
+        return plain and not (self.training and self.dropout) and not recorded()
 
     def _routable(self, cond: Conditions) -> bool:
         """Whether a router's split path applies: one strategy offering `routed`, one LoRA scale for the call,
